@@ -1,0 +1,94 @@
+"""Encoder and decoder of the seed's architecture (SPEC §2), with the decoder fixed to
+upsample in all four stages so 256×256 → 16×16 → 256×256."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .blocks import Downsample, ResBlock, Upsample
+
+__all__ = ["Encoder", "Decoder"]
+
+STEM_CHANNELS = 128  # seed: "Conv 3×3 → 128 channels" before the first stage
+HEAD_CHANNELS = 64  # seed: "Conv 3×3 → 64 → ReLU → Conv 3×3 → 3 → Tanh"
+
+
+class Encoder(nn.Module):
+    """(B,C_in,H,W) → (B,latent_channels,H/2^S,W/2^S) with S = len(channels) stages.
+
+    Stage i: Conv4×4 stride 2 → ``channels[i]``, then ``num_res_blocks`` ResBlocks.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        channels: Sequence[int] = (128, 256, 256, 256),
+        num_res_blocks: int = 2,
+        latent_channels: int = 256,
+        *,
+        stem_channels: int = STEM_CHANNELS,
+    ) -> None:
+        super().__init__()
+        self.downsample_factor = 2 ** len(channels)
+        self.stem = nn.Conv2d(in_channels, stem_channels, 3, padding=1)
+        stages: list[nn.Module] = []
+        width = stem_channels
+        for out in channels:
+            blocks = [Downsample(width, out)] + [ResBlock(out) for _ in range(num_res_blocks)]
+            stages.append(nn.Sequential(*blocks))
+            width = out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Conv2d(width, latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        f = self.downsample_factor
+        if H % f or W % f:
+            raise ValueError(f"image sides must be multiples of {f}, got {H}×{W}")
+        return self.head(self.stages(self.stem(x)))
+
+
+class Decoder(nn.Module):
+    """(B,latent_channels,h,w) → (B,C_out,h·2^S,w·2^S) in [-1,1].
+
+    Stage i: ``num_res_blocks`` ResBlocks, nearest ×2, Conv3×3 → ``channels[i]``.
+    The seed's diagram skips the upsampling in stage 4 but promises 256×256 output;
+    we upsample in every stage (SPEC §2 fix).
+    """
+
+    def __init__(
+        self,
+        out_channels: int = 3,
+        channels: Sequence[int] = (256, 256, 256, 128),
+        num_res_blocks: int = 2,
+        latent_channels: int = 256,
+        *,
+        head_channels: int = HEAD_CHANNELS,
+    ) -> None:
+        super().__init__()
+        width = channels[0]
+        self.stem = nn.Conv2d(latent_channels, width, 3, padding=1)
+        stages: list[nn.Module] = []
+        for out in channels:
+            blocks: list[nn.Module] = [ResBlock(width) for _ in range(num_res_blocks)]
+            blocks.append(Upsample(width, out))
+            stages.append(nn.Sequential(*blocks))
+            width = out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(
+            nn.Conv2d(width, head_channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(head_channels, out_channels, 3, padding=1),
+            nn.Tanh(),
+        )
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the final convolution: where VQ-GAN's adaptive weight is measured."""
+        return self.head[2].weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(z)))

@@ -1,0 +1,76 @@
+"""Convolutional building blocks shared by the encoder and decoder.
+
+Shapes use one alphabet: B batch, C channels, H/W image sides.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["norm_groups", "group_norm", "ResBlock", "Downsample", "Upsample"]
+
+MAX_GROUPS = 32  # the usual GroupNorm setting (Wu & He 2018) for widths >= 32
+MIN_CHANNELS_PER_GROUP = 4  # fewer channels per group makes GroupNorm's statistics noisy
+GROUP_NORM_EPS = 1e-6  # as in the VQGAN / LDM autoencoders
+
+
+def norm_groups(channels: int, max_groups: int = MAX_GROUPS) -> int:
+    """Largest group count <= ``max_groups`` that divides ``channels`` and keeps
+    at least ``MIN_CHANNELS_PER_GROUP`` channels per group (1 for tiny widths).
+
+    A hard-coded 32 fails for the 8- or 16-channel models used in tests.
+    """
+    if channels < 1:
+        raise ValueError(f"channels must be positive, got {channels}")
+    limit = max(1, min(max_groups, channels // MIN_CHANNELS_PER_GROUP))
+    return next(g for g in range(limit, 0, -1) if channels % g == 0)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(norm_groups(channels), channels, eps=GROUP_NORM_EPS, affine=True)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: GN → SiLU → Conv3×3 → GN → SiLU → Conv3×3, plus a
+    skip path (a 1×1 conv when the width changes). (B,C_in,H,W) → (B,C_out,H,W)."""
+
+    def __init__(self, in_channels: int, out_channels: int | None = None) -> None:
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.act = nn.SiLU()
+        self.skip: nn.Module = (
+            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Conv4×4 stride 2 (the seed's encoder stage entry): (B,C_in,H,W) → (B,C_out,H/2,W/2)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest ×2 then Conv3×3: (B,C_in,H,W) → (B,C_out,2H,2W)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))

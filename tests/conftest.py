@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny models and images that run on 2 CPU cores in seconds."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the seed's import paths (model/, dataloader/) live at the root
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("SWANLAB_MODE", "local")
+
+TINY = dict(  # a 4-stage model of 8–16 channels: 32×32 images → 2×2 grids
+    latent_channels=16,
+    encoder_channels=(8, 16, 16, 16),
+    decoder_channels=(16, 16, 16, 8),
+    num_res_blocks=1,
+    num_embeddings=16,
+    embedding_dim=16,
+)
+
+
+@pytest.fixture
+def tiny_kwargs() -> dict:
+    return dict(TINY, use_lpips=False, warmup_steps=0)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

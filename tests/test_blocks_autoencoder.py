@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from animevq.nn.autoencoder import Decoder, Encoder
+from animevq.nn.blocks import ResBlock, norm_groups
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups"), [(256, 32), (128, 32), (64, 16), (16, 4), (8, 2), (12, 3), (3, 1), (1, 1)]
+)
+def test_norm_groups_adapts_to_small_widths(channels: int, groups: int) -> None:
+    assert norm_groups(channels) == groups
+    assert channels % norm_groups(channels) == 0
+
+
+def test_resblock_skip_projection_only_when_width_changes() -> None:
+    same, wider = ResBlock(8), ResBlock(8, 16)
+    assert isinstance(same.skip, torch.nn.Identity)
+    assert isinstance(wider.skip, torch.nn.Conv2d) and wider.skip.kernel_size == (1, 1)
+    x = torch.randn(2, 8, 5, 7)
+    assert wider(x).shape == (2, 16, 5, 7)
+    # With the residual branch zeroed the block is exactly its skip path.
+    torch.nn.init.zeros_(same.conv2.weight), torch.nn.init.zeros_(same.conv2.bias)
+    assert torch.equal(same(x), x)
+
+
+def test_encoder_decoder_shapes_seed_architecture_at_small_width() -> None:
+    enc = Encoder(3, (8, 16, 16, 16), 1, 12, stem_channels=8)
+    dec = Decoder(3, (16, 16, 16, 8), 1, 12)
+    x = torch.rand(2, 3, 64, 48) * 2 - 1
+    z = enc(x)
+    assert z.shape == (2, 12, 4, 3)  # four stride-2 stages: /16
+    y = dec(z)
+    assert y.shape == x.shape  # the fix: four upsamplings, not three
+    assert y.min() >= -1 and y.max() <= 1
+
+
+def test_default_encoder_is_seed_layout() -> None:
+    enc = Encoder()
+    widths = [stage[0].conv.out_channels for stage in enc.stages]
+    assert widths == [128, 256, 256, 256] and enc.stem.out_channels == 128
+    assert all(stage[0].conv.kernel_size == (4, 4) and stage[0].conv.stride == (2, 2) for stage in enc.stages)
+    dec = Decoder()
+    assert [stage[-1].conv.out_channels for stage in dec.stages] == [256, 256, 256, 128]
+    assert dec.head[0].out_channels == 64 and isinstance(dec.head[3], torch.nn.Tanh)
+
+
+def test_encoder_rejects_sides_not_multiple_of_16() -> None:
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Encoder(3, (8, 8, 8, 8), 1, 8, stem_channels=8)(torch.zeros(1, 3, 40, 32))
+
+
+def test_nn_package_imports_only_torch() -> None:
+    """animevq.nn is pure torch (torchvision only for LPIPS' VGG16)."""
+    allowed = set(sys.stdlib_module_names) | {"torch", "torchvision"}
+    nn_dir = Path(__file__).resolve().parents[1] / "src" / "animevq" / "nn"
+    for path in nn_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_importing_nn_does_not_import_lightning() -> None:
+    import subprocess
+
+    code = "import sys, animevq.nn; bad = {'lightning', 'swanlab'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)

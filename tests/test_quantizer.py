@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from animevq.nn.quantizer import VectorQuantizerEMA, code_stats, nearest_code
+
+
+def brute_force_argmin(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    d = ((z.double()[:, None, :] - e.double()[None, :, :]) ** 2).sum(-1)
+    return d.argmin(1)
+
+
+def test_indices_equal_float64_brute_force_even_in_chunks() -> None:
+    z, e = torch.randn(300, 8), torch.randn(37, 8)
+    expected = brute_force_argmin(z, e)
+    assert torch.equal(nearest_code(z, e), expected)
+    assert torch.equal(nearest_code(z, e, chunk_elements=37 * 7), expected)  # 7 rows per chunk
+    assert torch.equal(nearest_code(z, e, chunk_elements=1), expected)  # one row per chunk
+
+
+def test_distances_in_float32_under_autocast() -> None:
+    z, e = torch.randn(64, 16), torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nearest_code(z.bfloat16(), e)
+    assert torch.equal(got, brute_force_argmin(z.bfloat16().float(), e))
+
+
+def test_large_codebook_chunk_bound() -> None:
+    """K = 65,536 with 8,192 vectors: chunks keep distances within the bound."""
+    from animevq.nn import quantizer
+
+    k, n = 65_536, 8_192
+    rows = max(1, quantizer.DISTANCE_CHUNK_ELEMENTS // k)
+    assert rows * k * 4 <= 128 * 2**20 < n * k * 4  # 128 MiB chunk vs 2 GiB full matrix
+    z, e = torch.randn(n, 4), torch.randn(k, 4)
+    got = nearest_code(z[:64], e)
+    assert torch.equal(got, brute_force_argmin(z[:64], e))
+
+
+def test_output_shapes_and_straight_through_gradient() -> None:
+    vq = VectorQuantizerEMA(16, 4, restart_dead_codes=False)
+    z_e = torch.randn(2, 4, 3, 5, requires_grad=True)
+    out = vq(z_e)
+    assert out.z_q.shape == z_e.shape and out.indices.shape == (2, 3, 5) and out.indices.dtype == torch.long
+    (out.z_q * torch.arange(4.0).view(1, 4, 1, 1)).sum().backward()
+    # Straight-through: dL/dz_e equals dL/dz_q.
+    assert torch.equal(z_e.grad, torch.arange(4.0).view(1, 4, 1, 1).expand_as(z_e))
+
+
+def test_losses_have_beta_on_the_commitment_term_only() -> None:
+    vq = VectorQuantizerEMA(8, 3, commitment_cost=0.25, restart_dead_codes=False).eval()
+    z_e = torch.randn(2, 3, 2, 2)
+    out = vq(z_e)
+    z_q = vq.lookup(out.indices)
+    mse = ((z_q - z_e) ** 2).mean()
+    assert torch.allclose(out.vq_loss, mse) and torch.allclose(out.commitment_loss, mse)
+    assert torch.allclose(out.loss, mse * 1.25)
+    # vq_loss reaches only the codebook, commitment only the encoder.
+    vq_grad = VectorQuantizerEMA(8, 3, decay=0.0).eval()
+    z = torch.randn(2, 3, 2, 2, requires_grad=True)
+    o = vq_grad(z)
+    o.vq_loss.backward()
+    assert z.grad is None or torch.all(z.grad == 0)
+    assert vq_grad.embedding.grad is not None and vq_grad.embedding.grad.abs().sum() > 0
+
+
+def test_ema_update_matches_spec_formula() -> None:
+    k, d, gamma, eps = 6, 3, 0.9, 1e-5
+    vq = VectorQuantizerEMA(k, d, decay=gamma, eps=eps, restart_dead_codes=False)
+    e0 = vq.codebook.clone()
+    target = 2  # put every vector nearest to code 2
+    z = e0[target] + 0.01 * torch.randn(10, d)
+    vq(z.view(10, d, 1, 1).permute(1, 0, 2, 3).reshape(1, d, 10, 1).contiguous())
+    n = torch.zeros(k)
+    n[target] = 10
+    s = torch.zeros(k, d)
+    s[target] = z.sum(0)
+    N = gamma * torch.ones(k) + (1 - gamma) * n
+    m = gamma * e0 + (1 - gamma) * s
+    smoothed = (N + eps) / (N.sum() + k * eps) * N.sum()
+    expected = m / smoothed[:, None]
+    assert torch.allclose(vq.codebook, expected, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(vq.cluster_size, N) and torch.allclose(vq.embed_sum, m)
+    # The code moved toward the batch mean.
+    assert (vq.codebook[target] - z.mean(0)).norm() < (e0[target] - z.mean(0)).norm()
+
+
+def test_unused_codes_stay_put_and_finite() -> None:
+    vq = VectorQuantizerEMA(8, 4, restart_dead_codes=False)
+    e0 = vq.codebook.clone()
+    z = e0[0].view(1, 4, 1, 1).expand(4, 4, 2, 2).contiguous()  # always code 0
+    for _ in range(100):
+        vq(z)
+    assert torch.allclose(vq.codebook[1:], e0[1:], rtol=1e-3, atol=1e-7)
+    for _ in range(9_900):
+        vq(z)
+    assert torch.isfinite(vq.codebook).all() and torch.isfinite(vq.cluster_size).all()
+
+
+def test_eval_mode_changes_nothing() -> None:
+    vq = VectorQuantizerEMA(8, 4).eval()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(torch.randn(2, 4, 4, 4))
+    assert all(torch.equal(before[k], v) for k, v in vq.state_dict().items())
+
+
+def test_perplexity_and_usage_on_hand_made_assignment() -> None:
+    counts = torch.tensor([2.0, 2.0, 0.0, 0.0])
+    perplexity, usage = code_stats(counts)
+    assert torch.isclose(perplexity, torch.tensor(2.0)) and usage == 0.5
+    counts = torch.tensor([1.0, 1.0, 1.0, 1.0, 0, 0, 0, 0])
+    assert torch.isclose(code_stats(counts)[0], torch.tensor(4.0)) and code_stats(counts)[1] == 0.5
+    vq = VectorQuantizerEMA(4, 2, restart_dead_codes=False).eval()
+    codes = vq.codebook
+    z = torch.stack([codes[0], codes[0], codes[3], codes[3]]).T.reshape(1, 2, 2, 2)
+    out = vq(z)
+    assert torch.isclose(out.perplexity, torch.tensor(2.0)) and out.code_usage_rate == 0.5
+
+
+def test_dead_codes_restart_from_batch_vectors() -> None:
+    vq = VectorQuantizerEMA(8, 2, decay=0.5, dead_code_threshold=0.125)
+    z = torch.randn(1, 2, 4, 8)  # 32 vectors
+    e0 = vq.codebook.clone()
+    collapsed = e0[0].view(1, 2, 1, 1).expand(1, 2, 4, 8).contiguous()
+    restarted = 0
+    for _ in range(5):
+        restarted += int(vq(collapsed).restarted)
+    assert restarted > 0
+    # Every restarted code is the collapse point, the only vector in those batches.
+    moved = ~torch.isclose(vq.codebook, e0).all(1)
+    assert moved.any()
+    assert torch.allclose(vq.codebook[moved], e0[0].expand(int(moved.sum()), 2), atol=1e-6)
+    out = vq(z)
+    assert torch.isfinite(out.z_q).all()
+
+
+def test_bad_shapes_and_indices_are_rejected() -> None:
+    vq = VectorQuantizerEMA(8, 4)
+    with pytest.raises(ValueError, match=r"\(B,4,h,w\)"):
+        vq(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        vq.lookup(torch.tensor([[[8]]]))
