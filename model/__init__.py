@@ -1,0 +1,1 @@
+"""The seed's import path: ``from model.modelModule import VQVAEModel``."""

@@ -1,0 +1,121 @@
+"""The adversarial half of ``VQVAEModel`` (VQ-GAN, Esser et al. 2021), under manual optimisation.
+
+Each batch: one autoencoder forward; generator backward → step; then the discriminator
+on the *detached* reconstruction of that same forward → step. Lightning's ``global_step``
+counts both optimizers' steps, so the start, ramp, logging and accumulation use our own
+batch counter (``batches_seen``), which is saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .losses import LeCamEMA, adaptive_weight, d_loss, generator_loss, lecam_loss, ramp_weight
+from .nn.discriminator import PatchDiscriminator
+
+__all__ = ["AdversarialMixin"]
+
+DISC_BASE_CHANNELS = 64  # taming / pix2pix
+DISC_LAYERS = 3
+
+
+class AdversarialMixin:
+    """Discriminator, its optimiser and the two-step training loop. Mixed into VQVAEModel."""
+
+    hparams: Any
+
+    @property
+    def adversarial(self) -> bool:
+        return self.hparams.lambda_gan > 0
+
+    def setup_adversarial(self) -> None:
+        hp = self.hparams
+        self.discriminator = None
+        if not self.adversarial:
+            return
+        if hp.accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {hp.accumulate_grad_batches}")
+        self.discriminator = PatchDiscriminator(
+            hp.in_channels, DISC_BASE_CHANNELS, DISC_LAYERS, norm=hp.disc_norm
+        )
+        self.lecam = LeCamEMA() if hp.lecam_weight > 0 else None
+        # Two optimisers stepped in one training_step: Lightning requires manual optimisation.
+        self.automatic_optimization = False
+
+    def configure_discriminator_optimizer(self) -> dict[str, Any]:
+        hp = self.hparams
+        lr = hp.disc_learning_rate if hp.disc_learning_rate is not None else hp.learning_rate
+        params = [p for p in self.discriminator.parameters() if p.requires_grad]
+        opt = self._adam(params, lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler(opt), "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Automatic optimisation (VQ-VAE): honour ``grad_clip_norm`` when the Trainer sets none."""
+        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip_norm
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    def _step(self, optimizer, scheduler) -> None:
+        if self.hparams.grad_clip_norm:
+            # clip_gradients unscales 16-mixed gradients before clipping.
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    def adversarial_training_step(self, x: torch.Tensor) -> None:
+        hp = self.hparams
+        opt_g, opt_d = self.optimizers()
+        sch_g, sch_d = self.lr_schedulers()
+        step = self.batches_seen
+        accumulate = hp.accumulate_grad_batches
+        boundary = (step + 1) % accumulate == 0
+        disc_on = step >= hp.disc_start
+
+        # Generator: the discriminator's parameters must not collect the generator's gradients.
+        self.toggle_optimizer(opt_g)
+        out = self(x)
+        nll = out.total_loss
+        zero = nll.new_zeros(())
+        g_loss, d_weight = zero, zero
+        if disc_on:
+            g_loss = generator_loss(self.discriminator(out.reconstruction), hp.disc_loss)
+            if hp.adaptive_disc_weight:
+                d_weight = adaptive_weight(nll, g_loss, self.decoder.last_layer, max_weight=hp.disc_weight_max)
+            else:
+                d_weight = torch.ones_like(nll)
+            d_weight = d_weight * (hp.lambda_gan * ramp_weight(step, hp.disc_start, hp.disc_ramp_steps))
+        self.manual_backward((nll + d_weight * g_loss) / accumulate)
+        if boundary:
+            self._step(opt_g, sch_g)
+        self.untoggle_optimizer(opt_g)
+
+        # Discriminator, on the detached reconstruction of the same forward (no second pass).
+        d_value, logits_real, logits_fake = zero, zero, zero
+        if disc_on:
+            self.toggle_optimizer(opt_d)
+            real = self.discriminator(x.detach())
+            fake = self.discriminator(out.reconstruction.detach())
+            d_value = d_loss(real, fake, hp.disc_loss)
+            loss_d = d_value
+            if self.lecam is not None:
+                self.lecam.update(real, fake)
+                loss_d = loss_d + hp.lecam_weight * lecam_loss(real, fake, self.lecam.ema_real, self.lecam.ema_fake)
+            self.manual_backward(loss_d / accumulate)
+            if boundary:
+                self._step(opt_d, sch_d)
+            self.untoggle_optimizer(opt_d)
+            logits_real, logits_fake = real.detach().float().mean(), fake.detach().float().mean()
+        elif boundary:
+            sch_d.step()  # keep both schedules on the batch clock
+
+        extra = {
+            "train/g_loss": g_loss.detach(),
+            "train/d_loss": d_value.detach(),
+            "train/d_weight": d_weight.detach(),
+            "train/logits_real": logits_real,
+            "train/logits_fake": logits_fake,
+        }
+        self.after_train_batch(x, out, extra)
