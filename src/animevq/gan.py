@@ -3,7 +3,8 @@
 Each batch: one autoencoder forward; generator backward → step; then the discriminator
 on the *detached* reconstruction of that same forward → step. Lightning's ``global_step``
 counts both optimizers' steps, so the start, ramp, logging and accumulation use our own
-batch counter (``batches_seen``), which is saved in checkpoints.
+batch counter (``batches_seen``), which is saved in checkpoints. The discriminator's
+learning-rate schedule (warm-up included) starts when the discriminator does.
 """
 
 from __future__ import annotations
@@ -108,8 +109,6 @@ class AdversarialMixin:
                 self._step(opt_d, sch_d)
             self.untoggle_optimizer(opt_d)
             logits_real, logits_fake = real.detach().float().mean(), fake.detach().float().mean()
-        elif boundary:
-            sch_d.step()  # keep both schedules on the batch clock
 
         extra = {
             "train/g_loss": g_loss.detach(),

@@ -78,7 +78,8 @@ class SwanLabLogger(_SwanLabLoggerBase):
         experiment_name: run name; SwanLab picks one when ``None``, and appends ``-N`` when a
             name is taken in ``log_dir``.
         description: free-text note on the run; ``notes`` (the seed's spelling) is the same.
-        log_dir: where local/offline runs are written; browse with ``swanlab watch <log_dir>``.
+        log_dir: where local/offline runs are written (default ``swanlog``; ``animevq fit``
+            uses ``<run_dir>/swanlog``); browse with ``swanlab watch <log_dir>``.
         logdir: older SwanLab spelling of ``log_dir``.
         mode: ``local`` | ``offline`` | ``cloud`` | ``disabled``; ``None`` reads ``SWANLAB_MODE``
             and falls back to ``local`` (see :func:`~animevq.tracking.resolve_mode`).
@@ -103,7 +104,7 @@ class SwanLabLogger(_SwanLabLoggerBase):
         workspace: str | None = None,
         experiment_name: str | None = None,
         description: str | None = None,
-        log_dir: str | os.PathLike[str] = DEFAULT_LOG_DIR,
+        log_dir: str | os.PathLike[str] | None = None,
         logdir: str | os.PathLike[str] | None = None,
         mode: str | None = None,
         save_dir: str | os.PathLike[str] | None = None,
@@ -119,7 +120,7 @@ class SwanLabLogger(_SwanLabLoggerBase):
         self.mode = resolve_mode(mode)
         if self.mode == "cloud":
             require_cloud_credentials()
-        self._swan_log_dir = Path(logdir if logdir is not None else log_dir)
+        self._swan_log_dir = Path(logdir or log_dir or DEFAULT_LOG_DIR)
         if config is not None:
             kwargs["config"] = dict(config)
         super().__init__(

@@ -1,0 +1,149 @@
+"""GPU throughput of animevq's training step and tokenizer (not a test; run on a GPU).
+
+    python benchmarks/throughput.py                    # all variants, 256×256, batch 32, bf16-mixed
+    python benchmarks/throughput.py --variants vqvae --steps 30
+
+For each variant it runs real Lightning training steps (optimizer included) on random
+images already on the device, times the steps after warm-up with CUDA events, and counts
+the FLOPs of one step with torch's FlopCounterMode (counted, not assumed). It also times
+encoder-only tokenizing. Prints a table; ``--json`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import lightning.pytorch as pl  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from animevq.lightning_module import VQVAEModel  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0}  # SPEC §8: ≈800 dense bf16 achievable (datasheet 989)
+VARIANTS = {
+    "vqvae+lpips": dict(use_lpips=True, lpips_random_init=True),
+    "vqvae": dict(use_lpips=False, lambda_perc=0.0),
+    "vqgan": dict(use_lpips=True, lpips_random_init=True, lambda_gan=0.1, disc_start=0, disc_norm="group"),
+}
+
+
+class StepTimer(pl.Callback):
+    """CUDA-event time of every training batch."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start: torch.cuda.Event | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._start.record()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        self.times.append(self._start.elapsed_time(end) / 1000.0)
+
+
+def random_batches(n: int, batch: int, size: int) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.rand(batch, 3, size, size, device="cuda", generator=g) * 2 - 1 for _ in range(n)]
+
+
+def count_step_flops(model: VQVAEModel, x: torch.Tensor) -> float:
+    """FLOPs of one forward + backward of the training loss (the discriminator included)."""
+    model.train()
+    with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x)
+        loss = out.total_loss
+        if model.discriminator is not None:
+            loss = loss + model.discriminator(out.reconstruction).mean()
+            loss = loss + model.discriminator(x).mean() + model.discriminator(out.reconstruction.detach()).mean()
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def bench_train(name: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    model = VQVAEModel(warmup_steps=0, log_every_n_steps=10**9, log_images_every_n_steps=10**9,
+                       **VARIANTS[name]).cuda()
+    x = torch.rand(args.batch, 3, args.size, args.size, device="cuda") * 2 - 1
+    flops = count_step_flops(model, x)
+    data = random_batches(4, args.batch, args.size)
+    loader = torch.utils.data.DataLoader(data * ((args.steps + args.warmup) // 4 + 1), batch_size=None)
+    timer = StepTimer()
+    torch.cuda.reset_peak_memory_stats()
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         max_epochs=1, limit_train_batches=args.steps + args.warmup, limit_val_batches=0,
+                         callbacks=[timer], benchmark=True)
+    trainer.fit(model, train_dataloaders=loader)
+    times = timer.times[args.warmup:]
+    step = statistics.median(times)
+    tflops = flops / step / 1e12
+    return {
+        "variant": name, "images_per_s": args.batch / step, "step_ms": step * 1e3,
+        "gflop_per_image": flops / args.batch / 1e9, "tflops": tflops,
+        "peak_pct": 100 * tflops / args.peak, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+@torch.no_grad()
+def bench_encode(args: argparse.Namespace) -> dict:
+    model = VQVAEModel(use_lpips=False).cuda().eval().to(memory_format=torch.channels_last)
+    x = (torch.rand(args.encode_batch, 3, args.size, args.size, device="cuda") * 2 - 1).to(memory_format=torch.channels_last)
+    times = []
+    for i in range(args.warmup + args.steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model.encode(x)
+        end.record()
+        end.synchronize()
+        if i >= args.warmup:
+            times.append(start.elapsed_time(end) / 1000)
+    return {"variant": "encode (tokenize)", "images_per_s": args.encode_batch / statistics.median(times)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--encode_batch", type=int, default=256)
+    p.add_argument("--peak", type=float, default=None, help="dense bf16 TFLOP/s of the card (default: datasheet)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/throughput.py needs a CUDA GPU")
+    card = torch.cuda.get_device_name()
+    args.peak = args.peak or next((v for k, v in PEAK_TFLOPS.items() if k in card), 800.0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    rows = [bench_train(v, args) for v in args.variants] + [bench_encode(args)]
+    print(f"\n{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args.batch}, "
+          f"{args.size}×{args.size}, bf16-mixed, peak {args.peak:.0f} TFLOP/s")
+    print(f"{'variant':<18}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}{'TFLOP/s':>9}{'% peak':>8}{'mem GiB':>9}")
+    for r in rows:
+        if "tflops" in r:
+            print(f"{r['variant']:<18}{r['images_per_s']:>9.1f}{r['step_ms']:>9.1f}{r['gflop_per_image']:>11.1f}"
+                  f"{r['tflops']:>9.1f}{r['peak_pct']:>8.1f}{r['peak_mem_gib']:>9.1f}")
+        else:
+            print(f"{r['variant']:<18}{r['images_per_s']:>9.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The ``animevq`` command (SPEC §7).
+
+``fit`` and ``validate`` are Lightning's, through LightningCLI: every model, data and
+trainer argument is settable from YAML (``--config``) or flags. Each run writes into one
+run folder (``--run_dir``): checkpoints (last and best by ``val/recon_loss``), the
+resolved config and the SwanLab logs.
+
+    animevq fit --config configs/quickstart.yaml
+    animevq fit --config configs/quickstart.yaml --ckpt_path last     # resume
+    animevq validate --config configs/quickstart.yaml --ckpt_path last
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .data import AnimeDataModule, DataReport
+from .lightning_module import VQVAEModel
+
+__all__ = ["AnimeVQCLI", "main"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = "runs/animevq"
+TOOLS = {  # commands of our own, beside Lightning's fit/validate/test/predict
+    "evaluate": "animevq.evaluate",
+    "encode": "animevq.tokenize",
+    "decode": "animevq.tokenize",
+    "reconstruct": "animevq.tokenize",
+    "export": "animevq.export",
+    "prepare": "animevq.data.prepare",
+}
+
+
+class AnimeVQCLI(LightningCLI):
+    """LightningCLI with a run folder, checkpoints and SwanLab (local mode) by default."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_dir",
+            type=str,
+            default=DEFAULT_RUN_DIR,
+            help="Folder of this run: checkpoints/, swanlog/ and config.yaml go here.",
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/recon_loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-{epoch:03d}-{step:07d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments("run_dir", "checkpoint.dirpath", compute_fn=lambda d: str(Path(d) / "checkpoints"))
+        parser.link_arguments("run_dir", "trainer.default_root_dir")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run_dir = Path(config["run_dir"])
+        logger = config["trainer"].get("logger")
+        if logger is not None and not isinstance(logger, bool) and str(logger.get("class_path", "")).endswith("SwanLabLogger"):
+            init = logger["init_args"]
+            # SwanLab's files, Lightning's config.yaml and the CSV fallback all live in the run folder.
+            if not init.get("log_dir") and not init.get("logdir"):
+                init["log_dir"] = str(run_dir / "swanlog")
+            if not init.get("save_dir"):
+                init["save_dir"] = str(run_dir)
+            if not init.get("fallback_dir"):
+                init["fallback_dir"] = str(run_dir / "metrics")
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        run_dir = Path(self.config["fit"]["run_dir"])
+        ckpt = self.trainer.checkpoint_callback
+        lines = [f"animevq: run folder {run_dir.resolve()}"]
+        if ckpt is not None:
+            if ckpt.last_model_path:
+                lines.append(f"  last checkpoint: {ckpt.last_model_path}")
+            if ckpt.best_model_path:
+                lines.append(f"  best checkpoint: {ckpt.best_model_path} (val/recon_loss {float(ckpt.best_model_score):.4f})")
+        swanlog = run_dir / "swanlog"
+        if swanlog.exists():
+            lines.append(f"  SwanLab logs:    {swanlog.resolve()}")
+            lines.append(f"  dashboard:       swanlab watch {swanlog}   (then open the printed http://127.0.0.1 address)")
+        print("\n".join(lines), flush=True)
+
+
+def _trainer_defaults() -> dict[str, Any]:
+    return {
+        "logger": {"class_path": "animevq.tracking.SwanLabLogger", "init_args": {"project": "animevq"}},
+        "callbacks": [DataReport()],  # persistent: added to any callbacks a config lists
+        "log_every_n_steps": 1,  # the model logs at its own log_every_n_steps
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``animevq`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        module = importlib.import_module(TOOLS[argv[0]])
+        raise SystemExit(module.main(argv))
+    AnimeVQCLI(
+        VQVAEModel,
+        AnimeDataModule,
+        subclass_mode_model=False,
+        subclass_mode_data=False,
+        trainer_defaults=_trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=argv,
+        parser_kwargs={
+            "description": "animevq: train and use VQ-VAE / VQ-GAN image tokenizers. "
+            "Lightning subcommands fit/validate/test take --config YAML; "
+            f"tools: {', '.join(sorted(TOOLS))} (each with --help).",
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

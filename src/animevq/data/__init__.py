@@ -1,0 +1,45 @@
+"""Data: robust image decoding, the image-folder dataset and ``AnimeDataModule``.
+
+Batches are float tensors (B,3,S,S) in [-1,1]. Files that cannot be used are skipped with
+a :class:`SkipReason`, counted in ``AnimeDataModule.skipped`` and reported each epoch by
+the :class:`DataReport` callback.
+"""
+
+from __future__ import annotations
+
+from animevq.data.datamodule import AnimeDataModule, default_num_workers
+from animevq.data.dataset import EpochSampler, ImageFolderDataset, SampleKey, SkipLedger, SkipReport
+from animevq.data.discovery import Discovery, Split, find_images, sample_dir, split_by_hash
+from animevq.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageSkipped,
+    SkipReason,
+    crop_resize,
+    load_image,
+    to_rgb,
+    to_tensor,
+)
+from animevq.data.report import DataReport
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "AnimeDataModule",
+    "DataReport",
+    "Discovery",
+    "EpochSampler",
+    "ImageFolderDataset",
+    "ImageSkipped",
+    "SampleKey",
+    "SkipLedger",
+    "SkipReason",
+    "SkipReport",
+    "Split",
+    "crop_resize",
+    "default_num_workers",
+    "find_images",
+    "load_image",
+    "sample_dir",
+    "split_by_hash",
+    "to_rgb",
+    "to_tensor",
+]
