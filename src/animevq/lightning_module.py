@@ -19,7 +19,8 @@ from .gan import AdversarialMixin
 from .nn.autoencoder import Decoder, Encoder
 from .nn.quantizer import VectorQuantizerEMA, code_stats
 from .schedules import warmup_cosine
-from .tracking import log_image, make_reconstruction_grid
+from .tracking.images import code_usage_plot, make_reconstruction_grid
+from .tracking.media import log_image
 
 __all__ = ["VQVAEModel", "VQVAEOutput"]
 
@@ -316,8 +317,6 @@ class VQVAEModel(AdversarialMixin, pl.LightningModule):
     def log_usage_histogram(self, counts: torch.Tensor) -> None:
         if not self.trainer.is_global_zero or not self.loggers:
             return
-        from .tracking import code_usage_plot
-
         plot = code_usage_plot(counts.detach().cpu())
         for logger in self.loggers:
             log_image(logger, "val/code_usage", plot, step=self.batches_seen)

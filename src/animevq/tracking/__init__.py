@@ -8,29 +8,32 @@ not exist. Browse a run with ``swanlab watch <log_dir>``.
 
 from __future__ import annotations
 
-from .fallback import MetricsFallback
-from .images import (
-    BAR_COLOR,
-    check_uint8_image,
-    code_usage_plot,
-    make_reconstruction_grid,
-    to_uint8_hwc,
-)
-from .logger import SwanLabLogger, log_image
-from .mode import MODES, has_cloud_credentials, require_cloud_credentials, resolve_mode, to_swanlab_mode
+import importlib
+from typing import Any
 
-__all__ = [
-    "BAR_COLOR",
-    "MODES",
-    "MetricsFallback",
-    "SwanLabLogger",
-    "check_uint8_image",
-    "code_usage_plot",
-    "has_cloud_credentials",
-    "log_image",
-    "make_reconstruction_grid",
-    "require_cloud_credentials",
-    "resolve_mode",
-    "to_swanlab_mode",
-    "to_uint8_hwc",
-]
+_EXPORTS = {
+    "MetricsFallback": ".fallback",
+    "BAR_COLOR": ".images",
+    "check_uint8_image": ".images",
+    "code_usage_plot": ".images",
+    "make_reconstruction_grid": ".images",
+    "to_uint8_hwc": ".images",
+    "log_image": ".media",
+    "SwanLabLogger": ".logger",
+    "MODES": ".mode",
+    "has_cloud_credentials": ".mode",
+    "require_cloud_credentials": ".mode",
+    "resolve_mode": ".mode",
+    "to_swanlab_mode": ".mode",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that the model's image helpers import without SwanLab.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'animevq.tracking' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

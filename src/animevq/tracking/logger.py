@@ -32,6 +32,7 @@ from swanlab.integration.pytorch_lightning import SwanLabLogger as _SwanLabLogge
 
 from .fallback import MetricsFallback
 from .images import check_uint8_image
+from .media import log_image
 from .mode import require_cloud_credentials, resolve_mode, to_swanlab_mode
 
 __all__ = ["SwanLabLogger", "log_image"]
@@ -242,42 +243,3 @@ class SwanLabLogger(_SwanLabLoggerBase):
             self._experiment = None
 
 
-def log_image(
-    logger: Logger | Sequence[Logger] | None,
-    key: str,
-    image_hwc_uint8: np.ndarray,
-    step: int,
-    caption: str | None = None,
-) -> int:
-    """Send one uint8 (H,W,3) image to whatever logger(s) the trainer has.
-
-    SwanLab loggers get a ``swanlab.Image`` (PNG, lossless); TensorBoard gets ``add_image``;
-    any other logger with a Lightning-style ``log_image(key, images, step)`` gets that; the
-    rest are skipped. Loggers log from rank 0 only, so this is safe to call on every rank.
-
-    Args:
-        logger: ``trainer.logger``, ``trainer.loggers`` or ``None``.
-        key: e.g. ``"train/reconstruction"``.
-        image_hwc_uint8: (H,W,3) uint8, e.g. from :func:`make_reconstruction_grid`.
-        step: the step to file it under.
-        caption: optional caption (SwanLab and loggers that accept ``caption``).
-
-    Returns:
-        How many loggers were given the image.
-    """
-    check_uint8_image(image_hwc_uint8)
-    loggers = [] if logger is None else list(logger) if isinstance(logger, Sequence) else [logger]
-    sent = 0
-    for lg in loggers:
-        if isinstance(lg, _SwanLabLoggerBase):
-            extra = {"caption": [caption]} if caption is not None else {}
-            lg.log_image(key, [image_hwc_uint8], step=step, **extra)
-        elif isinstance(lg, TensorBoardLogger):
-            lg.experiment.add_image(key, image_hwc_uint8, global_step=step, dataformats="HWC")
-        elif callable(getattr(lg, "log_image", None)):
-            lg.log_image(key=key, images=[image_hwc_uint8], step=step)
-        else:
-            log.debug("logger %s cannot take images; %s skipped", type(lg).__name__, key)
-            continue
-        sent += 1
-    return sent

@@ -1,0 +1,96 @@
+"""Training-quality runs on real images (GPU; not a test).
+
+    python benchmarks/quality.py DATA_DIR --steps 2000 --out results/ --name restart-on
+    python benchmarks/quality.py DATA_DIR --steps 2000 --no-restart --name restart-off
+    python benchmarks/quality.py DATA_DIR --steps 5000 --gan --disc_start 2500 --name vqgan
+
+Trains ``VQVAEModel`` (the seed's defaults at 256×256, batch 32, bf16-mixed) with a CSV
+logger and prints, at each validation, the validation reconstruction loss and the code usage
+and perplexity over the whole validation set, and the windowed training usage.
+LPIPS is off unless ``--lpips_vgg_weights`` is given (a random VGG is not perceptual).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from animevq.data import AnimeDataModule  # noqa: E402
+from animevq.lightning_module import VQVAEModel  # noqa: E402
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data_dir")
+    p.add_argument("--steps", type=int, default=2000, help="training batches")
+    p.add_argument("--name", default="run")
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--no-restart", action="store_true")
+    p.add_argument("--gan", action="store_true")
+    p.add_argument("--disc_start", type=int, default=2500)
+    p.add_argument("--disc_ramp_steps", type=int, default=500)
+    p.add_argument("--lambda_gan", type=float, default=0.1)
+    p.add_argument("--val_every", type=int, default=250)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--lpips_vgg_weights", default=None)
+    p.add_argument("--accelerator", default="gpu", help="cpu for a smoke run")
+    p.add_argument("--precision", default="bf16-mixed")
+    a = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    pl.seed_everything(0)
+    lpips = a.lpips_vgg_weights is not None
+    model = VQVAEModel(
+        use_lpips=lpips, lambda_perc=0.5 if lpips else 0.0, lpips_vgg_weights=a.lpips_vgg_weights,
+        restart_dead_codes=not a.no_restart, log_every_n_steps=50, log_images_every_n_steps=10**9,
+        warmup_steps=200,
+        **(dict(lambda_gan=a.lambda_gan, disc_start=a.disc_start, disc_ramp_steps=a.disc_ramp_steps,
+                disc_norm="group", betas=(0.5, 0.9), grad_clip_norm=1.0) if a.gan else {}),
+    )
+    data = AnimeDataModule(a.data_dir, batch_size=a.batch_size, val_split=0.05, image_size=a.image_size,
+                           num_workers=a.workers)
+    logger = CSVLogger(a.out, name=a.name, version="")
+    # Lightning's max_steps counts optimizer steps: two per batch once the discriminator runs.
+    max_steps = a.steps if not a.gan else a.disc_start + 2 * max(0, a.steps - a.disc_start)
+    trainer = pl.Trainer(accelerator=a.accelerator, devices=1, precision=a.precision, max_steps=max_steps,
+                         val_check_interval=a.val_every, check_val_every_n_epoch=None, logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, benchmark=True,
+                         num_sanity_val_steps=0)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    seconds = time.perf_counter() - start
+    rows = read_metrics(Path(logger.log_dir) / "metrics.csv")
+    val = [r for r in rows if "val/recon_loss" in r]
+    train = [r for r in rows if "train/code_usage_rate" in r]
+    print(f"\n{a.name}: {model.batches_seen} batches in {seconds:.0f} s on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+    print(f"{'step':>6} {'val/recon':>10} {'val/usage':>10} {'val/ppl':>8}")
+    for r in val:
+        print(f"{int(r['step']):>6} {r['val/recon_loss']:>10.4f} {r['val/code_usage_rate']:>10.3f} "
+              f"{r['val/perplexity']:>8.1f}")
+    if train:
+        last = train[-1]
+        print(f"train (last {model.hparams.usage_window} batches): usage {last['train/code_usage_rate']:.3f}, "
+              f"perplexity {last['train/perplexity']:.1f}")
+    summary = {"name": a.name, "batches": model.batches_seen, "seconds": seconds, "val": val,
+               "train_usage": [(r["step"], r["train/code_usage_rate"], r["train/perplexity"]) for r in train]}
+    (a.out / f"{a.name}.json").write_text(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

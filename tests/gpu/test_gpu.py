@@ -1,0 +1,53 @@
+"""GPU tests (``python -m pytest -m gpu tests/gpu``); CI has no GPU and deselects them."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from animevq.lightning_module import VQVAEModel
+from animevq.nn.quantizer import nearest_code
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SMALL = dict(latent_channels=32, encoder_channels=(16, 32, 32, 32), decoder_channels=(32, 32, 32, 16),
+             num_res_blocks=1, num_embeddings=64, embedding_dim=32, warmup_steps=0, log_every_n_steps=1,
+             log_images_every_n_steps=10**6, lpips_random_init=True)
+
+
+def batches(n: int = 4, size: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader([torch.rand(4, 3, size, size, generator=g) * 2 - 1 for _ in range(n)], batch_size=None)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32"])
+@pytest.mark.parametrize("gan", [False, True])
+def test_training_is_finite_in_every_precision(tmp_path, precision: str, gan: bool) -> None:
+    kwargs = dict(SMALL, lambda_gan=0.5 if gan else 0.0, disc_start=1, disc_norm="group")
+    model = VQVAEModel(**kwargs)
+    before = model.encoder.stem.weight.detach().clone()
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(model, batches())
+    assert model.batches_seen == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(before, model.encoder.stem.weight.detach().cpu())
+
+
+def test_nearest_code_on_gpu_matches_float64_reference() -> None:
+    z, e = torch.randn(4096, 64, device="cuda"), torch.randn(1024, 64, device="cuda")
+    ref = ((z.double()[:, None] - e.double()[None]) ** 2).sum(-1).argmin(1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = nearest_code(z, e)
+    assert (got == ref).float().mean() > 0.999  # float32 ties aside
+
+
+def test_encode_decode_on_gpu_matches_cpu() -> None:
+    model = VQVAEModel(**dict(SMALL, use_lpips=False)).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    cpu = model.encode(x)
+    gpu = model.cuda().encode(x.cuda()).cpu()
+    assert (cpu == gpu).float().mean() > 0.95
+    assert torch.allclose(model.decode(gpu.cuda()).cpu(), model.cpu().decode(gpu), atol=1e-3)
