@@ -75,7 +75,7 @@ def count_step_flops(model: VQVAEModel, x: torch.Tensor) -> float:
 def bench_train(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = VQVAEModel(warmup_steps=0, log_every_n_steps=10**9, log_images_every_n_steps=10**9,
-                       **VARIANTS[name]).cuda()
+                       channels_last=args.channels_last, compile=args.compile, **VARIANTS[name]).cuda()
     x = torch.rand(args.batch, 3, args.size, args.size, device="cuda") * 2 - 1
     flops = count_step_flops(model, x)
     data = random_batches(4, args.batch, args.size)
@@ -99,8 +99,14 @@ def bench_train(name: str, args: argparse.Namespace) -> dict:
 
 @torch.no_grad()
 def bench_encode(args: argparse.Namespace) -> dict:
-    model = VQVAEModel(use_lpips=False).cuda().eval().to(memory_format=torch.channels_last)
-    x = (torch.rand(args.encode_batch, 3, args.size, args.size, device="cuda") * 2 - 1).to(memory_format=torch.channels_last)
+    model = VQVAEModel(use_lpips=False).cuda().eval()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.encoder.compile()
+    x = torch.rand(args.encode_batch, 3, args.size, args.size, device="cuda") * 2 - 1
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     times = []
     for i in range(args.warmup + args.steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -124,6 +130,8 @@ def main() -> None:
     p.add_argument("--encode_batch", type=int, default=256)
     p.add_argument("--peak", type=float, default=None, help="dense bf16 TFLOP/s of the card (default: datasheet)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (model option compile)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/throughput.py needs a CUDA GPU")
@@ -133,7 +141,8 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     rows = [bench_train(v, args) for v in args.variants] + [bench_encode(args)]
     print(f"\n{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args.batch}, "
-          f"{args.size}×{args.size}, bf16-mixed, peak {args.peak:.0f} TFLOP/s")
+          f"{args.size}×{args.size}, bf16-mixed, channels_last={args.channels_last}, compile={args.compile}, "
+          f"peak {args.peak:.0f} TFLOP/s")
     print(f"{'variant':<18}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}{'TFLOP/s':>9}{'% peak':>8}{'mem GiB':>9}")
     for r in rows:
         if "tflops" in r:

@@ -12,7 +12,6 @@ from .blocks import Downsample, ResBlock, Upsample
 
 __all__ = ["Encoder", "Decoder"]
 
-STEM_CHANNELS = 128  # seed: "Conv 3×3 → 128 channels" before the first stage
 HEAD_CHANNELS = 64  # seed: "Conv 3×3 → 64 → ReLU → Conv 3×3 → 3 → Tanh"
 
 
@@ -29,9 +28,11 @@ class Encoder(nn.Module):
         num_res_blocks: int = 2,
         latent_channels: int = 256,
         *,
-        stem_channels: int = STEM_CHANNELS,
+        stem_channels: int | None = None,
     ) -> None:
         super().__init__()
+        # The seed's stem is 128 wide, its first stage's width: tiny models get a tiny stem.
+        stem_channels = channels[0] if stem_channels is None else stem_channels
         self.downsample_factor = 2 ** len(channels)
         self.stem = nn.Conv2d(in_channels, stem_channels, 3, padding=1)
         stages: list[nn.Module] = []

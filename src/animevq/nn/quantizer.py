@@ -9,6 +9,8 @@ Shapes: B batch, D code dimension, h×w latent grid, N = B·h·w vectors, K code
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -41,13 +43,25 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """Keep CUDA matmuls in true float32 (no TF32, 10-bit mantissa) while picking codes:
+    close distances must rank as they would in float32 even if a run enabled TF32."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk_elements: int = DISTANCE_CHUNK_ELEMENTS) -> torch.Tensor:
     """Index of the nearest code by squared L2 distance, in float32, in row chunks.
 
     z: (N,D), codebook: (K,D) → (N,) int64. ‖z‖² is constant per row, so the argmin
     only needs ‖e‖² − 2 z·e; chunking keeps at most ``chunk_elements`` distances alive.
     """
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    with torch.autocast(device_type=z.device.type, enabled=False), _full_float32():
         z, e = z.float(), codebook.float()
         e_sq = (e * e).sum(dim=1)  # (K,)
         rows = max(1, chunk_elements // max(1, e.shape[0]))
