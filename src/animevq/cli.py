@@ -20,6 +20,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from .checkpointing import LastCheckpoint
 from .data import AnimeDataModule, DataReport
 from .lightning_module import VQVAEModel
 
@@ -53,11 +54,18 @@ class AnimeVQCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/recon_loss",
                 "checkpoint.mode": "min",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # "last" has its own callback: see instantiate_trainer
                 "checkpoint.save_top_k": 1,
                 "checkpoint.filename": "best-{epoch:03d}-{step:07d}",
                 "checkpoint.auto_insert_metric_name": False,
             }
+        )
+        parser.add_argument(
+            "--save_every_n_steps",
+            type=int,
+            default=1000,
+            help="Write <run_dir>/checkpoints/last.ckpt every N training batches and at every epoch end "
+            "(resume with --ckpt_path last).",
         )
         parser.link_arguments("run_dir", "checkpoint.dirpath", compute_fn=lambda d: str(Path(d) / "checkpoints"))
         parser.link_arguments("run_dir", "trainer.default_root_dir")
@@ -76,17 +84,24 @@ class AnimeVQCLI(LightningCLI):
             if not init.get("fallback_dir"):
                 init["fallback_dir"] = str(run_dir / "metrics")
 
+    def instantiate_trainer(self, **kwargs: Any):
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = super().instantiate_trainer(**kwargs)
+        last = LastCheckpoint(Path(config["run_dir"]) / "checkpoints", every_n_steps=config["save_every_n_steps"])
+        trainer.callbacks.insert(0, last)
+        return trainer
+
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:
             return
         run_dir = Path(self.config["fit"]["run_dir"])
-        ckpt = self.trainer.checkpoint_callback
         lines = [f"animevq: run folder {run_dir.resolve()}"]
-        if ckpt is not None:
-            if ckpt.last_model_path:
-                lines.append(f"  last checkpoint: {ckpt.last_model_path}")
-            if ckpt.best_model_path:
-                lines.append(f"  best checkpoint: {ckpt.best_model_path} (val/recon_loss {float(ckpt.best_model_score):.4f})")
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.exists():
+            lines.append(f"  last checkpoint: {last}")
+        for ckpt in self.trainer.checkpoint_callbacks:
+            if ckpt.monitor and ckpt.best_model_path:
+                lines.append(f"  best checkpoint: {ckpt.best_model_path} ({ckpt.monitor} {float(ckpt.best_model_score):.4f})")
         swanlog = run_dir / "swanlog"
         if swanlog.exists():
             lines.append(f"  SwanLab logs:    {swanlog.resolve()}")

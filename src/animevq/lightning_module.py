@@ -212,6 +212,13 @@ class VQVAEModel(AdversarialMixin, pl.LightningModule):
         z_q = self.quantizer.lookup(indices.to(self.quantizer.codebook.device))
         return self.decoder(self.post_quant_conv(z_q))
 
+    @classmethod
+    def from_pretrained(cls, directory: str, **overrides: Any) -> "VQVAEModel":
+        """Load weights exported by ``animevq export`` (safetensors + config.json, no pickle)."""
+        from .export import load_pretrained
+
+        return load_pretrained(directory, **overrides)
+
     # ------------------------------------------------------------------ speed
     def setup(self, stage: str) -> None:
         """Before the model reaches the device and the optimisers exist: memory format and compilation."""

@@ -1,0 +1,233 @@
+"""Evaluate a tokenizer on a folder of images (SPEC §7).
+
+    animevq evaluate --ckpt C --data_dir D --out DIR [--fid_weights P | --no_fid]
+
+Every image is resized (short side) and centre-cropped to ``image_size``, reconstructed,
+and scored per image in [0,1]: PSNR, SSIM, LPIPS (when VGG16 weights are available),
+PSNR on the foreground of flat-background images; over the whole set: rFID, code usage
+and perplexity. Writes ``report.json``, ``samples.png`` (originals above reconstructions)
+and ``code_usage.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from . import metrics
+from .checkpoint import load_model, weights_sha256
+from .nn.quantizer import code_stats
+from .tokenize import (
+    add_common_arguments,
+    autocast,
+    error_message,
+    grid_size,
+    image_batches,
+    list_inputs,
+    prepare_out_dir,
+    progress_bar,
+    resolve_device,
+    resolve_precision,
+)
+
+__all__ = ["REPORT_NAME", "evaluate", "main"]
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.json"
+NUM_SAMPLES = 8  # columns of samples.png
+# Below this many images the 2048×2048 feature covariance is rank-deficient and rFID is
+# strongly biased upwards: numbers are comparable only between runs of equal size.
+FID_RELIABLE_IMAGES = 2048
+
+
+def _lpips_metric(model: nn.Module, vgg_weights: str | None, notes: list[str]) -> nn.Module | None:
+    """The model's own LPIPS, else one from ``vgg_weights`` (errors propagate: the user
+    asked for it), else from torchvision's cache; None with a note when there are no weights."""
+    if getattr(model, "lpips", None) is not None:
+        return model.lpips
+    from .nn.lpips import LPIPS
+
+    if vgg_weights is not None:
+        return LPIPS(vgg_weights=vgg_weights)
+    try:
+        return LPIPS(allow_download=False)
+    except (RuntimeError, FileNotFoundError, ValueError) as error:
+        log.info("LPIPS unavailable: %s", error)
+        notes.append(
+            "LPIPS skipped: torchvision's ImageNet VGG16 weights are not on this machine; pass "
+            "--lpips_vgg_weights PATH (a torchvision VGG16 state dict) or put them in torchvision's cache"
+        )
+        return None
+
+
+def _mean(values: list[torch.Tensor]) -> float | None:
+    """Mean over images, ignoring NaN (images a metric does not apply to); None if none count."""
+    if not values:
+        return None
+    v = torch.cat(values).double()
+    v = v[~v.isnan()]
+    return float(v.mean()) if v.numel() else None
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    image_size: int = 256,
+    device: str | torch.device = "cpu",
+    fid_weights: str | Path | None = None,
+    compute_fid: bool = True,
+    out_dir: str | Path | None = None,
+    max_images: int | None = None,
+    lpips_vgg_weights: str | None = None,
+    lpips_metric: nn.Module | None = None,
+    fid_metric: metrics.ReconstructionFID | None = None,
+    precision: str = "32",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score ``model`` (a VQVAEModel or Tokenizer) on every image under ``data_dir``.
+
+    ``lpips_metric``/``fid_metric`` replace the default LPIPS / rFID (tests pass random
+    networks). Raises FIDWeightsMissing when rFID is wanted and no weights exist.
+    Returns the report, also written to ``out_dir/report.json`` when ``out_dir`` is given.
+    """
+    grid_size(model, image_size)
+    root, files = list_inputs(data_dir)
+    if max_images is not None:
+        files = files[:max_images]
+    out = prepare_out_dir(out_dir) if out_dir is not None else None
+    notes: list[str] = []
+    fid: metrics.ReconstructionFID | None = None
+    if compute_fid:  # before any work: missing weights fail fast
+        fid = fid_metric if fid_metric is not None else metrics.ReconstructionFID(fid_weights, device=device)
+    else:
+        notes.append("rFID skipped (--no_fid)")
+    model = model.to(device).eval()
+    lpips = lpips_metric if lpips_metric is not None else _lpips_metric(model, lpips_vgg_weights, notes)
+    if lpips is not None:
+        lpips = lpips.to(device).eval()
+
+    scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "lpips": [], "masked_psnr": []}
+    counts = torch.zeros(model.quantizer.num_embeddings, dtype=torch.float64)
+    skipped: list[dict[str, str]] = []
+    samples: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with progress_bar(len(files), "evaluate", progress) as bar:
+        for batch in image_batches(root, files, image_size=image_size, batch_size=batch_size,
+                                   num_workers=num_workers, device=device):
+            skipped += [{"file": files[p], "reason": r} for p, r in batch.skipped]
+            bar.update(len(batch.positions) + len(batch.skipped))
+            if not batch.positions:
+                continue
+            x = batch.images  # (b,3,S,S) in [-1,1]
+            with autocast(device, precision):
+                q = model.quantize(x)  # eval mode: no codebook update
+                x_rec = model.decoder(model.post_quant_conv(q.z_q)).float().clamp(-1, 1)
+            counts += q.counts.double().cpu()
+            x01, rec01 = (x + 1) / 2, (x_rec + 1) / 2
+            scores["psnr"].append(metrics.psnr(x01, rec01).cpu())
+            scores["ssim"].append(metrics.ssim(x01, rec01).cpu())
+            scores["masked_psnr"].append(metrics.masked_psnr(x01, rec01).cpu())
+            if lpips is not None:
+                scores["lpips"].append(lpips(x, x_rec).float().cpu())
+            if fid is not None:
+                fid.update(x01, rec01)
+            if sum(s[0].shape[0] for s in samples) < NUM_SAMPLES:
+                samples.append((x[:NUM_SAMPLES].cpu(), x_rec[:NUM_SAMPLES].cpu()))
+    n = sum(t.shape[0] for t in scores["psnr"])
+    if n == 0:
+        reasons = Counter(s["reason"] for s in skipped)
+        detail = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+        raise ValueError(f"none of the {len(files)} image files under {root} could be decoded ({detail})")
+    perplexity, usage = code_stats(counts)
+    flat = int(sum((~t.isnan()).sum() for t in scores["masked_psnr"]))
+    report: dict[str, Any] = {
+        "data_dir": str(root),
+        "model_sha256": weights_sha256(model),
+        "num_images": n,
+        "image_size": image_size,
+        "psnr": _mean(scores["psnr"]),
+        "ssim": _mean(scores["ssim"]),
+        "lpips": _mean(scores["lpips"]),
+        "masked_psnr": _mean(scores["masked_psnr"]),
+        "masked_psnr_images": flat,  # images with a flat background (masked PSNR defined)
+        "rfid": None,
+        "perplexity": float(perplexity),
+        "code_usage_rate": float(usage),
+        "codes_used": int((counts > 0).sum()),
+        "num_embeddings": int(counts.numel()),
+        "skipped": skipped,
+        "notes": notes,
+    }
+    if fid is not None:
+        if n >= 2:
+            report["rfid"] = fid.compute()
+            if n < FID_RELIABLE_IMAGES:
+                notes.append(f"rFID from {n} images (< {FID_RELIABLE_IMAGES}) is biased; compare only at equal size")
+        else:
+            notes.append("rFID skipped: needs at least 2 images")
+    if out is not None:
+        _write_outputs(out, report, samples, counts)
+    return report
+
+
+def _write_outputs(out: Path, report: dict[str, Any], samples: list[tuple[torch.Tensor, torch.Tensor]],
+                   counts: torch.Tensor) -> None:
+    from .tracking.images import code_usage_plot, make_reconstruction_grid
+
+    x = torch.cat([s[0] for s in samples])[:NUM_SAMPLES]
+    x_rec = torch.cat([s[1] for s in samples])[:NUM_SAMPLES]
+    Image.fromarray(make_reconstruction_grid(x, x_rec, max_images=NUM_SAMPLES)).save(out / "samples.png")
+    Image.fromarray(code_usage_plot(counts)).save(out / "code_usage.png")
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
+    (out / REPORT_NAME).write_text(json.dumps(clean, indent=2) + "\n")
+
+
+def main(argv: Sequence[str]) -> int:
+    """``animevq evaluate --ckpt C --data_dir D [--out DIR] ...``; argv[0] is the command."""
+    parser = argparse.ArgumentParser(
+        prog="animevq evaluate",
+        description="Reconstruct every image of a folder and report PSNR, SSIM, LPIPS, rFID, masked PSNR, "
+        "code usage and perplexity (report.json, samples.png, code_usage.png).",
+    )
+    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt or exported model folder")
+    parser.add_argument("--data_dir", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", default="eval", help="folder for report.json, samples.png, code_usage.png")
+    parser.add_argument("--max_images", type=int, default=None, help="evaluate only the first N files")
+    parser.add_argument("--no_fid", action="store_true", help="skip rFID (no Inception weights needed)")
+    parser.add_argument("--fid_weights", default=None,
+                        help=f"local FID Inception-v3 weights ({metrics.FID_WEIGHTS_FILE} from torch-fidelity)")
+    parser.add_argument("--lpips_vgg_weights", default=None, help="local torchvision VGG16 state dict for LPIPS")
+    add_common_arguments(parser)
+    parser.set_defaults(batch_size=16, precision="32")  # full precision: metrics must not move with dtype
+    args = parser.parse_args(list(argv[1:]))
+    try:
+        device = resolve_device(args.device)
+        report = evaluate(
+            load_model(args.ckpt), args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+            device=device, fid_weights=args.fid_weights, compute_fid=not args.no_fid, out_dir=args.out,
+            max_images=args.max_images, lpips_vgg_weights=args.lpips_vgg_weights,
+            precision=resolve_precision(args.precision, device), num_workers=args.num_workers,
+            progress=not args.quiet,
+        )
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as error:
+        print(f"animevq evaluate: error: {error_message(error)}", file=sys.stderr)
+        return 1
+    shown = {k: v for k, v in report.items() if k not in ("skipped", "data_dir")}
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {Path(args.out) / REPORT_NAME}, samples.png and code_usage.png")
+    return 0
