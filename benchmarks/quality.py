@@ -29,6 +29,36 @@ from animevq.data import AnimeDataModule  # noqa: E402
 from animevq.lightning_module import VQVAEModel  # noqa: E402
 
 
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def laplacian_variance(x: torch.Tensor) -> torch.Tensor:
+    """Variance of the Laplacian of the grey image: a standard focus/sharpness measure."""
+    grey = x.float().mean(1, keepdim=True)
+    kernel = LAPLACIAN.to(x.device).view(1, 1, 3, 3)
+    return torch.nn.functional.conv2d(grey, kernel).var(dim=(1, 2, 3)).mean()
+
+
+class Sharpness(pl.Callback):
+    """After each validation: sharpness of reconstructions relative to their originals (1 = as sharp)."""
+
+    def __init__(self) -> None:
+        self.batch: torch.Tensor | None = None
+        self.rows: list[tuple[int, float]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.batch is None and batch_idx == 0:
+            self.batch = batch[:16].detach().clone()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.batch is None or trainer.sanity_checking:
+            return
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.batch.is_cuda):
+            x_rec = pl_module(self.batch).reconstruction
+        ratio = float(laplacian_variance(x_rec) / laplacian_variance(self.batch))
+        self.rows.append((pl_module.batches_seen, ratio))
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     with path.open() as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
@@ -51,6 +81,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--lpips_vgg_weights", default=None)
     p.add_argument("--accelerator", default="gpu", help="cpu for a smoke run")
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--precision", default="bf16-mixed")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -59,7 +90,7 @@ def main() -> None:
     model = VQVAEModel(
         use_lpips=lpips, lambda_perc=0.5 if lpips else 0.0, lpips_vgg_weights=a.lpips_vgg_weights,
         restart_dead_codes=not a.no_restart, log_every_n_steps=50, log_images_every_n_steps=10**9,
-        warmup_steps=200,
+        warmup_steps=200, compile=a.compile,
         **(dict(lambda_gan=a.lambda_gan, disc_start=a.disc_start, disc_ramp_steps=a.disc_ramp_steps,
                 disc_norm="group", betas=(0.5, 0.9), grad_clip_norm=1.0) if a.gan else {}),
     )
@@ -71,7 +102,7 @@ def main() -> None:
     trainer = pl.Trainer(accelerator=a.accelerator, devices=1, precision=a.precision, max_steps=max_steps,
                          val_check_interval=a.val_every, check_val_every_n_epoch=None, logger=logger,
                          enable_checkpointing=False, enable_progress_bar=False, benchmark=True,
-                         num_sanity_val_steps=0)
+                         num_sanity_val_steps=0, callbacks=[sharpness := Sharpness()])
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
@@ -79,15 +110,16 @@ def main() -> None:
     val = [r for r in rows if "val/recon_loss" in r]
     train = [r for r in rows if "train/code_usage_rate" in r]
     print(f"\n{a.name}: {model.batches_seen} batches in {seconds:.0f} s on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
-    print(f"{'step':>6} {'val/recon':>10} {'val/usage':>10} {'val/ppl':>8}")
-    for r in val:
-        print(f"{int(r['step']):>6} {r['val/recon_loss']:>10.4f} {r['val/code_usage_rate']:>10.3f} "
-              f"{r['val/perplexity']:>8.1f}")
+    print(f"{'batch':>6} {'val/recon':>10} {'val/usage':>10} {'val/ppl':>8} {'sharpness':>10}")
+    for r, (batch, sharp) in zip(val, sharpness.rows):
+        print(f"{batch:>6} {r['val/recon_loss']:>10.4f} {r['val/code_usage_rate']:>10.3f} "
+              f"{r['val/perplexity']:>8.1f} {sharp:>10.3f}")
     if train:
         last = train[-1]
         print(f"train (last {model.hparams.usage_window} batches): usage {last['train/code_usage_rate']:.3f}, "
               f"perplexity {last['train/perplexity']:.1f}")
     summary = {"name": a.name, "batches": model.batches_seen, "seconds": seconds, "val": val,
+               "sharpness": sharpness.rows,
                "train_usage": [(r["step"], r["train/code_usage_rate"], r["train/perplexity"]) for r in train]}
     (a.out / f"{a.name}.json").write_text(json.dumps(summary))
 

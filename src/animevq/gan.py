@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .losses import LeCamEMA, adaptive_weight, d_loss, generator_loss, lecam_loss, ramp_weight
+from .losses import LeCamEMA, adaptive_weight_from_grads, d_loss, generator_loss, lecam_loss, ramp_weight
 from .nn.discriminator import PatchDiscriminator
 
 __all__ = ["AdversarialMixin"]
@@ -66,6 +66,48 @@ class AdversarialMixin:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
+    def _generator_losses(self, x: torch.Tensor, step: int):
+        """Generator losses with the adaptive weight, backpropagating through the heavy parts once.
+
+        The image losses (L1, LPIPS) and the GAN loss are taken on a detached copy of the
+        reconstruction, so their gradients with respect to it come from one pass through VGG
+        and one through the discriminator. ∇_W of each (W: the decoder's last conv) then costs
+        only that conv's weight gradient, and the autoencoder's backward runs once, driven by
+        ``surrogate``, whose gradient is exactly that of
+        λ_rec·L1 + λ_perc·LPIPS + λ_vq·vq + λ_commit·commit + w·G.
+        Returns (output, g_loss, weight w, surrogate).
+        """
+        hp = self.hparams
+        q = self.quantize(x)
+        x_rec = self.decoder(self.post_quant_conv(q.z_q))
+        x_leaf = x_rec.detach().requires_grad_(True)
+        out = self.losses(x, x_leaf, q)
+        image_nll = hp.lambda_rec * out.recon_loss + hp.lambda_perc * out.perc_loss
+        g_loss = generator_loss(self.discriminator(x_leaf), hp.disc_loss)
+        # Gradients of unscaled losses can underflow in float16; borrow the loss scale.
+        scale = self._loss_scale()
+        grad_nll = torch.autograd.grad(image_nll * scale, x_leaf)[0]
+        grad_g = torch.autograd.grad(g_loss * scale, x_leaf)[0]
+        ramp = ramp_weight(step, hp.disc_start, hp.disc_ramp_steps)
+        if hp.adaptive_disc_weight:
+            last = self.decoder.last_layer
+            w_nll = torch.autograd.grad(x_rec, last, grad_nll, retain_graph=True)[0]
+            w_g = torch.autograd.grad(x_rec, last, grad_g, retain_graph=True)[0]
+            weight = adaptive_weight_from_grads(w_nll / scale, w_g / scale, max_weight=hp.disc_weight_max)
+        else:
+            weight = torch.ones((), device=x.device)
+        d_weight = weight * (hp.lambda_gan * ramp)
+        grad = (grad_nll.float() + d_weight * grad_g.float()) / scale
+        vq_terms = hp.lambda_vq * out.vq_loss + hp.lambda_commit * out.commitment_loss
+        surrogate = (x_rec.float() * grad.detach()).sum() + vq_terms
+        return out, g_loss.detach(), d_weight, surrogate
+
+    def _loss_scale(self) -> float:
+        if self._trainer is None:
+            return 1.0
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
     def adversarial_training_step(self, x: torch.Tensor) -> None:
         hp = self.hparams
         opt_g, opt_d = self.optimizers()
@@ -77,18 +119,14 @@ class AdversarialMixin:
 
         # Generator: the discriminator's parameters must not collect the generator's gradients.
         self.toggle_optimizer(opt_g)
-        out = self(x)
-        nll = out.total_loss
-        zero = nll.new_zeros(())
+        zero = x.new_zeros((), dtype=torch.float32)
         g_loss, d_weight = zero, zero
         if disc_on:
-            g_loss = generator_loss(self.discriminator(out.reconstruction), hp.disc_loss)
-            if hp.adaptive_disc_weight:
-                d_weight = adaptive_weight(nll, g_loss, self.decoder.last_layer, max_weight=hp.disc_weight_max)
-            else:
-                d_weight = torch.ones_like(nll)
-            d_weight = d_weight * (hp.lambda_gan * ramp_weight(step, hp.disc_start, hp.disc_ramp_steps))
-        self.manual_backward((nll + d_weight * g_loss) / accumulate)
+            out, g_loss, d_weight, surrogate = self._generator_losses(x, step)
+            self.manual_backward(surrogate / accumulate)
+        else:
+            out = self(x)
+            self.manual_backward(out.total_loss / accumulate)
         if boundary:
             self._step(opt_g, sch_g)
         self.untoggle_optimizer(opt_g)
@@ -111,7 +149,7 @@ class AdversarialMixin:
             logits_real, logits_fake = real.detach().float().mean(), fake.detach().float().mean()
 
         extra = {
-            "train/g_loss": g_loss.detach(),
+            "train/g_loss": g_loss,
             "train/d_loss": d_value.detach(),
             "train/d_weight": d_weight.detach(),
             "train/logits_real": logits_real,

@@ -27,6 +27,7 @@ __all__ = [
     "d_loss",
     "generator_loss",
     "adaptive_weight",
+    "adaptive_weight_from_grads",
     "LeCamEMA",
     "lecam_loss",
     "ramp_weight",
@@ -103,6 +104,17 @@ def adaptive_weight(
     """
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return adaptive_weight_from_grads(nll_grad, g_grad, max_weight=max_weight, eps=eps)
+
+
+def adaptive_weight_from_grads(
+    nll_grad: Tensor,
+    g_grad: Tensor,
+    *,
+    max_weight: float = 1e4,
+    eps: float = 1e-4,
+) -> Tensor:
+    """:func:`adaptive_weight` from the two gradients ∇_W L_nll and ∇_W L_G, already computed."""
     weight = torch.linalg.vector_norm(nll_grad.float()) / (
         torch.linalg.vector_norm(g_grad.float()) + eps
     )
