@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:  # the seed's import paths (model/, dataloader/) l
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("SWANLAB_MODE", "local")
+torch.set_num_threads(1)  # tiny models: two threads on a 2-core CI machine only contend
 
 TINY = dict(  # a 4-stage model of 8–16 channels: 32×32 images → 2×2 grids
     latent_channels=16,

@@ -156,3 +156,14 @@ def test_single_pass_generator_gradient_equals_the_textbook_loss(gan_kwargs) -> 
     assert set(slow) <= set(fast) and any(n.startswith("encoder") for n in slow)
     for name, grad in slow.items():
         torch.testing.assert_close(fast[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_nonfinite_batch_is_skipped_by_both_optimizers(tmp_path, gan_kwargs) -> None:
+    g = torch.Generator().manual_seed(2)
+    data = [torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(3)]
+    data[1][0, 0, 0, 0] = float("nan")  # one poisoned pixel poisons every loss of batch 1
+    model = VQVAEModel(**dict(gan_kwargs, disc_start=0))
+    trainer(tmp_path, max_epochs=1, limit_train_batches=3).fit(model, DataLoader(data, batch_size=None))
+    assert model.batches_seen == 3 and model.nonfinite_total == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(b).all() for b in model.quantizer.buffers())

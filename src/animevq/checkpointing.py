@@ -6,15 +6,24 @@ stale weights; and its writes are not atomic. ``LastCheckpoint`` writes
 ``<dirpath>/last.ckpt`` every ``every_n_steps`` training batches and at every epoch end, to
 a temporary file in the same folder that is flushed to disk and then renamed over the old
 one; the file it replaces stays as ``previous.ckpt``. ``--ckpt_path last`` finds it.
+
+It also keeps the file trustworthy: on SIGTERM it writes one more checkpoint before the
+run stops; it never replaces a good checkpoint with non-finite weights or during a run of
+non-finite losses; and it checks up front that the folder is writable and has room.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .reliability import check_free_space, estimate_checkpoint_bytes
 
 __all__ = ["LastCheckpoint", "atomic_replace", "LAST_NAME", "PREVIOUS_NAME"]
 
@@ -49,8 +58,20 @@ def atomic_replace(tmp: Path, final: Path, *, keep_previous: Path | None = None)
     _fsync_dir(final.parent)
 
 
+def _all_finite(module: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one host sync)."""
+    flags = [t.isfinite().all() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 class LastCheckpoint(pl.Callback):
-    """Write ``<dirpath>/last.ckpt`` every ``every_n_steps`` batches and at each epoch end."""
+    """Write ``<dirpath>/last.ckpt`` every ``every_n_steps`` batches and at each epoch end.
+
+    The save due on an epoch's last batch waits for the epoch end (after validation), so
+    a resume never repeats or skips that validation. On SIGTERM (Lightning sets
+    ``trainer.received_sigterm``) the checkpoint is written at the end of the current batch,
+    or, if the signal came during validation, when Lightning stops the run.
+    """
 
     def __init__(self, dirpath: str | os.PathLike[str], every_n_steps: int = 1000) -> None:
         if every_n_steps < 1:
@@ -58,31 +79,78 @@ class LastCheckpoint(pl.Callback):
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self._last_saved_batch: int | None = None
+        self._saved_since_sigterm = False
 
     @property
     def path(self) -> Path:
         return self.dirpath / LAST_NAME
 
+    @property
+    def last_saved_batch(self) -> int | None:
+        """The batch count of the last checkpoint this callback wrote (None: none yet)."""
+        return self._last_saved_batch
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
+            self._check_folder(pl_module)
+
+    def _check_folder(self, pl_module: pl.LightningModule) -> None:
+        """Fail now, not at the first save hours later: create the folder, write a probe
+        file (os.access says yes to root even on a read-only mount), check free space."""
+        try:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.dirpath, os.W_OK):
-                raise PermissionError(f"checkpoint folder {self.dirpath} is not writable; choose another --run_dir")
+            with tempfile.NamedTemporaryFile(dir=self.dirpath, prefix=".write-test-"):
+                pass
+        except OSError as error:
+            raise PermissionError(
+                f"checkpoint folder {self.dirpath} is not writable "
+                f"({type(error).__name__}: {error.strerror or error}); choose another --run_dir"
+            ) from error
+        check_free_space(self.dirpath, estimate_checkpoint_bytes(pl_module))
+
+    def _sigterm(self, trainer: pl.Trainer) -> bool:
+        """Whether any rank received SIGTERM (a collective under DDP, so all ranks agree)."""
+        if trainer.world_size > 1:
+            return trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False)
+        return trainer.received_sigterm
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         batches = getattr(pl_module, "batches_seen", trainer.global_step)
-        if batches % self.every_n_steps == 0:
+        stopping = self._sigterm(trainer)
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return  # on_train_epoch_end saves, after this epoch's validation
+        if stopping or batches % self.every_n_steps == 0:
             self.save(trainer, batches)
+            self._saved_since_sigterm = stopping
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer, getattr(pl_module, "batches_seen", trainer.global_step))
+        self._saved_since_sigterm = trainer.received_sigterm
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Only for SIGTERM and only on one process: after any other exception the state may
+        # be half-updated, and under DDP the other ranks may not be here to save with us.
+        if not isinstance(exception, SIGTERMException) or trainer.world_size > 1 or self._saved_since_sigterm:
+            return
         self.save(trainer, getattr(pl_module, "batches_seen", trainer.global_step))
 
     def save(self, trainer: pl.Trainer, batches: int) -> None:
         """Write the checkpoint now (every rank must call this: saving is collective)."""
         if batches == self._last_saved_batch or trainer.sanity_checking:
             return
+        module = trainer.lightning_module
+        if getattr(module, "nonfinite_streak", 0) > 0 or not _all_finite(module):
+            # Every rank decides alike: the streak and the weights are the same everywhere.
+            log.warning("not writing %s at batch %d: the model is in a run of non-finite losses or holds "
+                        "non-finite values; keeping the last good checkpoint", self.path, batches)
+            return
         tmp = self.dirpath / f".{LAST_NAME}.tmp"
-        trainer.save_checkpoint(tmp)  # rank 0 writes
+        try:
+            trainer.save_checkpoint(tmp)  # rank 0 writes
+        except BaseException:
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)  # last.ckpt was never touched
+            raise
         if trainer.is_global_zero:
             atomic_replace(tmp, self.path, keep_previous=self.dirpath / PREVIOUS_NAME)
             log.debug("wrote %s at batch %d", self.path, batches)

@@ -8,6 +8,9 @@ resolved config and the SwanLab logs.
     animevq fit --config configs/quickstart.yaml
     animevq fit --config configs/quickstart.yaml --ckpt_path last     # resume
     animevq validate --config configs/quickstart.yaml --ckpt_path last
+
+A resumed run continues exactly (``ExactResume``); a damaged checkpoint is refused before
+anything is built; a run stopped by SIGTERM writes ``last.ckpt`` and exits with status 143.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .checkpointing import LastCheckpoint
+from .checkpointing import LAST_NAME, PREVIOUS_NAME, LastCheckpoint
 from .data import AnimeDataModule, DataReport
 from .lightning_module import VQVAEModel
+from .reliability import EXIT_SIGTERM, ExactResume, verify_checkpoint
 
 __all__ = ["AnimeVQCLI", "main"]
 
@@ -73,6 +78,11 @@ class AnimeVQCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = Path(config["run_dir"])
+        self._verify_resume_checkpoint(config.get("ckpt_path"), run_dir)
+        if "weights_only" in config and config["weights_only"] is None:
+            # Lightning would unpickle anything in a resumed checkpoint; ours hold only tensors
+            # and plain values, so nothing else is accepted.
+            config["weights_only"] = True
         logger = config["trainer"].get("logger")
         if logger is not None and not isinstance(logger, bool) and str(logger.get("class_path", "")).endswith("SwanLabLogger"):
             init = logger["init_args"]
@@ -84,11 +94,21 @@ class AnimeVQCLI(LightningCLI):
             if not init.get("fallback_dir"):
                 init["fallback_dir"] = str(run_dir / "metrics")
 
+    @staticmethod
+    def _verify_resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> None:
+        """Refuse a truncated or corrupt checkpoint before the model is even built."""
+        if ckpt_path in (None, "best", "hpc"):
+            return
+        path = run_dir / "checkpoints" / LAST_NAME if ckpt_path == "last" else Path(ckpt_path)
+        if path.is_file():  # a missing file is Lightning's to report ("last" may not exist yet)
+            verify_checkpoint(path, previous_name=PREVIOUS_NAME)
+
     def instantiate_trainer(self, **kwargs: Any):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = super().instantiate_trainer(**kwargs)
         last = LastCheckpoint(Path(config["run_dir"]) / "checkpoints", every_n_steps=config["save_every_n_steps"])
         trainer.callbacks.insert(0, last)
+        trainer.callbacks.insert(1, ExactResume())
         return trainer
 
     def after_fit(self) -> None:
@@ -126,6 +146,14 @@ def main(argv: list[str] | None = None) -> None:
 
         module = importlib.import_module(TOOLS[argv[0]])
         raise SystemExit(module.main(argv))
+    try:
+        _run_cli(argv)
+    except SIGTERMException:
+        log.warning("stopped by SIGTERM after writing the last checkpoint; resume with --ckpt_path last")
+        raise SystemExit(EXIT_SIGTERM) from None
+
+
+def _run_cli(argv: list[str]) -> None:
     AnimeVQCLI(
         VQVAEModel,
         AnimeDataModule,

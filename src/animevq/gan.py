@@ -123,10 +123,14 @@ class AdversarialMixin:
         g_loss, d_weight = zero, zero
         if disc_on:
             out, g_loss, d_weight, surrogate = self._generator_losses(x, step)
-            self.manual_backward(surrogate / accumulate)
+            loss = surrogate
         else:
             out = self(x)
-            self.manual_backward(out.total_loss / accumulate)
+            loss = out.total_loss
+        if not self.nonfinite_guard(loss + out.total_loss + g_loss):  # the surrogate carries the gradients
+            self.untoggle_optimizer(opt_g)
+            return None
+        self.manual_backward(loss / accumulate)
         if boundary:
             self._step(opt_g, sch_g)
         self.untoggle_optimizer(opt_g)

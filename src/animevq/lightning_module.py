@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CheckpointError
 from .gan import AdversarialMixin
 from .nn.autoencoder import Decoder, Encoder
 from .nn.quantizer import VectorQuantizerEMA, code_stats
+from .reliability import NonFiniteGuardMixin, architecture_differences
 from .schedules import warmup_cosine
 from .tracking.images import code_usage_plot, make_reconstruction_grid
 from .tracking.media import log_image
@@ -65,7 +67,7 @@ class VQVAEOutput(NamedTuple):
     restarted: torch.Tensor  # dead codes restarted by this call
 
 
-class VQVAEModel(AdversarialMixin, pl.LightningModule):
+class VQVAEModel(AdversarialMixin, NonFiniteGuardMixin, pl.LightningModule):
     """VQ-VAE (and, with ``lambda_gan > 0``, VQ-GAN) image tokenizer.
 
     The first twenty parameters are the seed's table, with its names and defaults.
@@ -118,10 +120,13 @@ class VQVAEModel(AdversarialMixin, pl.LightningModule):
         accumulate_grad_batches: int = 1,
         channels_last: bool = True,  # NHWC on CUDA: what cuDNN's bf16 tensor-core convs want
         compile: bool = False,  # torch.compile the networks (fuses GroupNorm+SiLU); GPU presets turn it on
+        max_nonfinite_steps: int | None = 10,  # skipped NaN/inf batches in a row before the run stops; None: no guard
     ) -> None:
         super().__init__()
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if max_nonfinite_steps is not None and max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0 or None (no guard), got {max_nonfinite_steps}")
         if len(encoder_channels) != len(decoder_channels):
             raise ValueError(
                 f"encoder_channels {encoder_channels} and decoder_channels {decoder_channels} "
@@ -154,6 +159,7 @@ class VQVAEModel(AdversarialMixin, pl.LightningModule):
         self.register_buffer("usage_history", torch.zeros(usage_window, num_embeddings), persistent=False)
         self.register_buffer("val_counts", torch.zeros(num_embeddings), persistent=False)
         self.batches_seen = 0  # our batch counter: global_step counts optimizer steps
+        self.setup_nonfinite_guard()
         self._prepared = False
         self._images_seen_at_log = 0
         self._time_at_log: float | None = None
@@ -167,7 +173,10 @@ class VQVAEModel(AdversarialMixin, pl.LightningModule):
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         """Reconstruct ``x`` (B,C,H,W) in [-1,1] and compute every named loss and metric."""
         q = self.quantize(x)
-        x_rec = self.decoder(self.post_quant_conv(q.z_q))
+        return self.losses(x, self.decoder(self.post_quant_conv(q.z_q)), q)
+
+    def losses(self, x: torch.Tensor, x_rec: torch.Tensor, q) -> VQVAEOutput:
+        """Every named loss and metric of a reconstruction ``x_rec`` of ``x`` and its quantiser output ``q``."""
         recon_loss = F.l1_loss(x_rec.float(), x.float())
         perc_loss = self.lpips(x, x_rec, reduction="mean") if self.lpips is not None else recon_loss.new_zeros(())
         hp = self.hparams
@@ -230,14 +239,11 @@ class VQVAEModel(AdversarialMixin, pl.LightningModule):
             self.to(memory_format=torch.channels_last)
         if self.hparams.compile:
             # In place (Module.compile), so state-dict keys stay the same. The quantiser stays
-            # eager: it updates buffers in place and its cost is small.
-            if self.adversarial:
-                # The adaptive weight backpropagates twice through the decoder (retain_graph);
-                # compiled backward graphs may not donate their buffers then.
-                import torch._functorch.config as functorch_config
-
-                functorch_config.donated_buffer = False
-            for module in (self.encoder, self.decoder, self.lpips, self.discriminator):
+            # eager: it updates buffers in place and its cost is small. For VQ-GAN the decoder's
+            # head stays eager: the adaptive weight differentiates through its last conv alone,
+            # which a compiled backward could only do by running the whole decoder's backward.
+            decoder = self.decoder.stages if self.adversarial else self.decoder
+            for module in (self.encoder, decoder, self.lpips, self.discriminator):
                 if module is not None:
                     module.compile()
 
@@ -260,9 +266,12 @@ class VQVAEModel(AdversarialMixin, pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x = self.images_of(batch)
+        self._snapshot_quantizer()
         if self.adversarial:
             return self.adversarial_training_step(x)
         out = self(x)
+        if not self.nonfinite_guard(out.total_loss):
+            return self.skipped_step_loss()  # zero gradients; optimizer_step will not step
         self.after_train_batch(x, out, extra={})
         return out.total_loss
 
@@ -297,6 +306,7 @@ class VQVAEModel(AdversarialMixin, pl.LightningModule):
         }
         numbers = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()  # one sync
         metrics = dict(zip(values, numbers))
+        metrics["train/skipped_nonfinite"] = float(self.nonfinite_total)
         for i, opt in enumerate(self._optimizers()):
             metrics[f"train/lr{'' if i == 0 else '_disc'}"] = opt.param_groups[0]["lr"]
         now = time.perf_counter()
@@ -377,7 +387,10 @@ class VQVAEModel(AdversarialMixin, pl.LightningModule):
 
     def _adam(self, params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
         hp = self.hparams
-        fused = all(p.is_cuda for p in params)  # one kernel for all tensors on the GPU
+        # Fused Adam updates all tensors in one kernel, but Lightning cannot clip its gradients
+        # under mixed precision (it unscales internally): clipping runs use the foreach kernel.
+        clipping = hp.grad_clip_norm or (self._trainer is not None and self.trainer.gradient_clip_val)
+        fused = all(p.is_cuda for p in params) and not clipping
         return torch.optim.Adam(params, lr=lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, fused=fused)
 
     def configure_optimizers(self) -> Any:
@@ -393,10 +406,30 @@ class VQVAEModel(AdversarialMixin, pl.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("lpips.")]:
             del state[key]
-        checkpoint["animevq"] = {"batches_seen": self.batches_seen}
+        checkpoint["animevq"] = {
+            "batches_seen": self.batches_seen,
+            "nonfinite_total": self.nonfinite_total,
+            # Not in the state dict (exports stay lean), but the logged usage window continues.
+            "usage_history": self.usage_history.detach().clone(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters")
+        if isinstance(saved, dict):
+            differences = architecture_differences(saved, dict(self.hparams))
+            if differences:
+                source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+                raise CheckpointError(
+                    f"checkpoint {source or ''} was written by a different model, so it cannot be loaded into "
+                    f"this one: {'; '.join(differences)}. Resume with the settings it was trained with (its "
+                    "hyper_parameters, or config.yaml in its run folder), or start a new run without --ckpt_path."
+                )
         if self.lpips is not None:
             for key, value in self.lpips.state_dict().items():
                 checkpoint["state_dict"].setdefault(f"lpips.{key}", value)
-        self.batches_seen = int(checkpoint.get("animevq", {}).get("batches_seen", 0))
+        ours = checkpoint.get("animevq", {})
+        self.batches_seen = int(ours.get("batches_seen", 0))
+        self.nonfinite_total = int(ours.get("nonfinite_total", 0))
+        history = ours.get("usage_history")
+        if isinstance(history, torch.Tensor) and history.shape == self.usage_history.shape:
+            self.usage_history.copy_(history)

@@ -1,4 +1,5 @@
-"""Data: robust image decoding, the image-folder dataset and ``AnimeDataModule``.
+"""Data: robust image decoding, the image-folder dataset and ``AnimeDataModule``, and the
+prepared format (``animevq prepare``) that it reads without decoding.
 
 Batches are float tensors (B,3,S,S) in [-1,1]. Files that cannot be used are skipped with
 a :class:`SkipReason`, counted in ``AnimeDataModule.skipped`` and reported each epoch by
@@ -16,9 +17,12 @@ from animevq.data.images import (
     SkipReason,
     crop_resize,
     load_image,
+    resize_box,
     to_rgb,
     to_tensor,
 )
+from animevq.data.prepare import PrepareOptions, PrepareResult, prepare_folder
+from animevq.data.prepared import PreparedDataset, PreparedFolder, is_prepared, read_prepared
 from animevq.data.report import DataReport
 
 __all__ = [
@@ -29,6 +33,10 @@ __all__ = [
     "EpochSampler",
     "ImageFolderDataset",
     "ImageSkipped",
+    "PrepareOptions",
+    "PrepareResult",
+    "PreparedDataset",
+    "PreparedFolder",
     "SampleKey",
     "SkipLedger",
     "SkipReason",
@@ -37,7 +45,11 @@ __all__ = [
     "crop_resize",
     "default_num_workers",
     "find_images",
+    "is_prepared",
     "load_image",
+    "prepare_folder",
+    "read_prepared",
+    "resize_box",
     "sample_dir",
     "split_by_hash",
     "to_rgb",

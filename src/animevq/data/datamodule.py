@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from animevq.data.dataset import EpochSampler, ImageFolderDataset, SkipLedger, SkipReport
 from animevq.data.discovery import Discovery, find_images, sample_dir, split_by_hash
 from animevq.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from animevq.data.prepared import PreparedDataset, PreparedFolder, is_prepared, read_prepared
 
 log = logging.getLogger(__name__)
 _warn_once = rank_zero_only(log.warning)
@@ -45,8 +46,16 @@ class AnimeDataModule(LightningDataModule):
     image, so batch shapes hold. ``skipped`` counts skipped files by reason; add the
     :class:`~animevq.data.DataReport` callback for a warning at each epoch end.
 
+    ``data_dir`` may also be a folder written by ``animevq prepare SRC DST`` (it has a
+    ``manifest.json``): images are then read from memory-mapped shards without decoding,
+    with the same split (by source path), the same augmentation draws and the same
+    validation crops as ``SRC`` itself; files skipped while preparing are reported as
+    skipped. ``image_size`` must not exceed the prepared size; the prepared folder's own
+    ``--min_image_size`` and ``--max_image_pixels`` apply instead of this module's.
+
     Args:
-        data_dir: folder of images; None uses the sample folder shipped in the package.
+        data_dir: folder of images, or a prepared folder; None uses the sample folder
+            shipped in the package.
         batch_size: images per batch (per device).
         val_split: expected fraction of files in validation, in [0, 1). With >= 2 files
             and val_split > 0, val and train each get at least one file.
@@ -104,14 +113,18 @@ class AnimeDataModule(LightningDataModule):
         # Filled by setup(); no file I/O in the constructor.
         self.discovery: Discovery | None = None
         self.ledger: SkipLedger | None = None
-        self.train_dataset: ImageFolderDataset | None = None
-        self.val_dataset: ImageFolderDataset | None = None
+        self.train_dataset: ImageFolderDataset | PreparedDataset | None = None
+        self.val_dataset: ImageFolderDataset | PreparedDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """List and split the files (once; later calls reuse the listing)."""
         if self.discovery is not None:
             return
-        discovery = find_images(sample_dir() if self.data_dir is None else self.data_dir)
+        data_dir = sample_dir() if self.data_dir is None else self.data_dir
+        if is_prepared(data_dir):
+            self._setup_prepared(read_prepared(data_dir))
+            return
+        discovery = find_images(data_dir)
         split = split_by_hash(discovery.files, self.val_split, self.seed)
         ledger = SkipLedger(len(discovery.files))
         common = dict(
@@ -132,6 +145,39 @@ class AnimeDataModule(LightningDataModule):
         if discovery.skipped:
             listing = SkipReport(tuple((path, reason.label) for path, reason in discovery.skipped))
             _warn_once(listing.message(when="while listing data_dir"))
+
+    def _setup_prepared(self, folder: PreparedFolder) -> None:
+        """Split the source listing exactly as for the raw folder, then keep the stored
+        images; the ledger starts with the files skipped while preparing."""
+        files = folder.files  # the raw folder's listing: stored + skipped while loading
+        split = split_by_hash(files, self.val_split, self.seed)
+        rows = folder.file_rows  # (len(files),) -1 where skipped
+        ledger = SkipLedger(len(files))
+        position = {path: i for i, path in enumerate(files)}
+        for item in folder.skipped:
+            if item.stage == "loading":
+                ledger.status[position[item.path]] = int(item.skip_reason)
+        train = [i for i in split.train if rows[i] >= 0]
+        val = [i for i in split.val if rows[i] >= 0]
+        if not train:
+            raise ValueError(
+                f"data_dir {folder.root} has no stored image in the training split "
+                f"({len(folder.paths)} stored in all); lower val_split or add images"
+            )
+        common = dict(image_size=self.image_size, seed=self.seed, random_flip=self.random_flip)
+        self.train_dataset = PreparedDataset(folder, train, train=True, **common)
+        self.val_dataset = PreparedDataset(folder, val, train=False, **common)
+        listing = [(item.path, item.skip_reason) for item in folder.skipped
+                   if item.stage == "listing"]
+        self.discovery = Discovery(root=folder.root, files=files, skipped=listing)
+        self.ledger = ledger
+        _info_once(
+            "found %d prepared images (short side %d) under %s: %d train, %d val",
+            len(folder.paths), folder.size, folder.root, len(train), len(val),
+        )
+        if folder.skipped:
+            report = SkipReport(tuple(sorted((item.path, item.reason) for item in folder.skipped)))
+            _warn_once(report.message(when="while preparing data_dir"))
 
     @property
     def files(self) -> list[str]:

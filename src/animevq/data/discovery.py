@@ -48,7 +48,10 @@ def _is_inside(path: str, root: str) -> bool:
 
 
 def find_images(
-    data_dir: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXTENSIONS
+    data_dir: str | os.PathLike[str],
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    *,
+    role: str = "data_dir",
 ) -> Discovery:
     """Every file under ``data_dir`` (recursively) whose extension, lower-cased, is in
     ``extensions``.
@@ -62,15 +65,17 @@ def find_images(
     Raises:
         FileNotFoundError: ``data_dir`` does not exist.
         ValueError: ``data_dir`` is not a folder, or holds no image files.
+
+    ``role`` names the folder in error messages (``animevq prepare`` says "SRC").
     """
     root = Path(data_dir).expanduser().absolute()
     wanted = ", ".join(extensions)
     if not root.exists():
         raise FileNotFoundError(
-            f"data_dir {root} does not exist; point data_dir at a folder of images ({wanted})"
+            f"{role} {root} does not exist; point {role} at a folder of images ({wanted})"
         )
     if not root.is_dir():
-        raise ValueError(f"data_dir {root} is a file, not a folder of images ({wanted})")
+        raise ValueError(f"{role} {root} is a file, not a folder of images ({wanted})")
     real_root = os.path.realpath(root)
     files: list[str] = []
     skipped: list[tuple[str, SkipReason]] = []
@@ -113,7 +118,7 @@ def find_images(
     if not files:
         refused = f"; refused {len(skipped)} link(s)" if skipped else ""
         raise ValueError(
-            f"data_dir {root} holds no images: looked recursively for files ending in "
+            f"{role} {root} holds no images: looked recursively for files ending in "
             f"{wanted} (any case) and found {others} other file(s){refused}"
         )
     files.sort()

@@ -1,0 +1,68 @@
+"""Multi-GPU (DDP) training throughput and codebook agreement across ranks (GPU; not a test).
+
+    python benchmarks/ddp.py --devices 1 && python benchmarks/ddp.py --devices 2
+
+Each rank trains on its own random images (batch 32 per GPU, 256×256, bf16-mixed). Prints
+the global images/s (median over steps after warm-up, timed on rank 0) and, at the end,
+whether every rank's codebook and EMA statistics are bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import lightning.pytorch as pl  # noqa: E402
+from throughput import StepTimer  # noqa: E402
+
+from animevq.lightning_module import VQVAEModel  # noqa: E402
+
+
+class CodebookAgreement(pl.Callback):
+    def on_train_end(self, trainer: pl.Trainer, pl_module: VQVAEModel) -> None:
+        q = pl_module.quantizer
+        state = torch.cat([q.codebook.flatten(), q.cluster_size, q.embed_sum.flatten()])
+        gathered = trainer.strategy.all_gather(state)
+        if trainer.world_size == 1:
+            gathered = gathered.unsqueeze(0)  # all_gather adds no rank dimension on one process
+        if trainer.is_global_zero:
+            same = all(torch.equal(gathered[0], g) for g in gathered)
+            print(f"codebooks identical on all {trainer.world_size} ranks: {same}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32, help="per GPU")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--compile", action="store_true")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    model = VQVAEModel(use_lpips=False, lambda_perc=0.0, warmup_steps=0, compile=a.compile,
+                       log_every_n_steps=10**9, log_images_every_n_steps=10**9)
+    n = (a.steps + a.warmup) * a.devices
+    data = [torch.rand(a.batch, 3, 256, 256) * 2 - 1 for _ in range(min(n, 16))]
+    data = (data * (n // len(data) + 1))[:n]
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=2, pin_memory=True)
+    timer = StepTimer()
+    trainer = pl.Trainer(accelerator="gpu", devices=a.devices, strategy="ddp" if a.devices > 1 else "auto",
+                         precision="bf16-mixed", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[timer, CodebookAgreement()], benchmark=True)
+    trainer.fit(model, train_dataloaders=loader)
+    if trainer.is_global_zero:
+        step = statistics.median(timer.times[a.warmup:])
+        print(f"{a.devices} × {torch.cuda.get_device_name()}: {a.devices * a.batch / step:.1f} images/s "
+              f"({step * 1e3:.1f} ms/step, batch {a.batch} per GPU, compile={a.compile})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Test-only callbacks that `animevq fit` subprocesses load through --trainer.callbacks
+(tests/ is put on PYTHONPATH): a SIGTERM at a chosen batch, a recorder of what each batch
+saw, a NaN injector and a failure on one DDP rank."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+
+class SigtermAt(pl.Callback):
+    """Send this process SIGTERM as training batch ``batch`` (0-based count) starts."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.batches_seen == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Recorder(pl.Callback):
+    """Append one JSON line per training batch: counters, a digest of the batch, and one
+    draw from each global RNG (as augmentation or dropout code would draw)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        record = {
+            "batches_seen": pl_module.batches_seen,
+            "epoch": trainer.current_epoch,
+            "batch_idx": batch_idx,
+            "batch": hashlib.sha1(batch.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
+            "torch": torch.rand(()).item(),
+            "numpy": float(np.random.rand()),
+            "python": random.random(),
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class RaiseOnRank(pl.Callback):
+    """Raise on one DDP rank at one batch: the other ranks must not hang."""
+
+    def __init__(self, rank: int, batch: int) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and batch_idx == self.batch:
+            raise RuntimeError(f"injected failure on rank {self.rank} at batch {self.batch}")
+
+
+class NanOnRank(pl.Callback):
+    """Fill one rank's images with NaN at one batch: every rank must skip that step together."""
+
+    def __init__(self, rank: int, batch: int) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and batch_idx == self.batch and trainer.current_epoch == 0:
+            batch.fill_(float("nan"))

@@ -1,0 +1,123 @@
+"""SIGTERM at batch k, then `--ckpt_path last`: the run continues exactly as one that was
+never stopped — same batches in the same order (shuffled, random crops), same weights,
+optimizer and scheduler states, codebook buffers, counters and RNG streams."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from clirun import make_images, run_animevq
+from conftest import TINY
+
+from animevq.reliability import EXIT_SIGTERM
+
+BATCHES_PER_EPOCH = 5  # 24 images, about a quarter to validation by hash: 17 train, batch size 3
+STOP_AT = 7  # SIGTERM arrives as the 8th batch (epoch 1, batch 2) starts
+
+
+def _config(run_dir: Path, data: Path, callbacks: list[dict]) -> dict:
+    return {
+        "seed_everything": 0,
+        "run_dir": str(run_dir),
+        "save_every_n_steps": 4,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 3, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks},
+        "model": {**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}, "use_lpips": False,
+                  "lambda_perc": 0.0, "warmup_steps": 2, "log_every_n_steps": 1, "log_images_every_n_steps": 1000},
+        "data": {"data_dir": str(data), "batch_size": 3, "image_size": 32, "val_split": 0.25, "num_workers": 1},
+    }
+
+
+def _fit(tmp: Path, name: str, data: Path, callbacks: list[dict], *extra: str):
+    run_dir = tmp / name
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(_config(run_dir, data, callbacks)))
+    return run_animevq("fit", "--config", str(path), *extra, cwd=tmp, timeout=150), run_dir
+
+
+def _recorder(path: Path) -> dict:
+    return {"class_path": "reliability_callbacks.Recorder", "init_args": {"path": str(path)}}
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("resume")
+    data = make_images(tmp / "images")
+    straight, straight_dir = _fit(tmp, "straight", data, [_recorder(tmp / "straight.jsonl")])
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    stop = {"class_path": "reliability_callbacks.SigtermAt", "init_args": {"batch": STOP_AT}}
+    stopped, stopped_dir = _fit(tmp, "stopped", data, [_recorder(tmp / "stopped.jsonl"), stop])
+    at_stop = torch.load(stopped_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    # The same run folder and config, resumed (the SIGTERM callback is not passed again).
+    config = yaml.safe_load((tmp / "stopped.yaml").read_text())
+    config["trainer"]["callbacks"] = [_recorder(tmp / "stopped.jsonl")]
+    (tmp / "stopped.yaml").write_text(yaml.safe_dump(config))
+    resumed = run_animevq("fit", "--config", str(tmp / "stopped.yaml"), "--ckpt_path", "last", cwd=tmp, timeout=150)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    return {"tmp": tmp, "straight_dir": straight_dir, "stopped_dir": stopped_dir, "stopped": stopped,
+            "at_stop": at_stop, "resumed": resumed}
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_writes_a_checkpoint_and_exits_nonzero(runs: dict) -> None:
+    stopped = runs["stopped"]
+    assert stopped.returncode == EXIT_SIGTERM, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM" in stopped.stderr
+    at_stop = runs["at_stop"]
+    # The batch during which the signal came was finished, then saved (not the cadence's 8).
+    assert at_stop["animevq"]["batches_seen"] == STOP_AT + 1
+    assert at_stop["global_step"] == STOP_AT + 1
+    assert (runs["stopped_dir"] / "checkpoints" / "previous.ckpt").exists()
+
+
+@pytest.mark.timeout(400)
+def test_resumed_run_sees_the_same_batches_and_rng_draws(runs: dict) -> None:
+    straight = _records(runs["tmp"] / "straight.jsonl")
+    pieced = _records(runs["tmp"] / "stopped.jsonl")  # before the stop, then after the resume
+    assert len(straight) == 3 * BATCHES_PER_EPOCH
+    assert [r["batches_seen"] for r in pieced] == list(range(3 * BATCHES_PER_EPOCH))
+    assert pieced[STOP_AT + 1]["epoch"] == 1 and pieced[STOP_AT + 1]["batch_idx"] == STOP_AT + 1 - BATCHES_PER_EPOCH
+    assert pieced == straight
+    # Shuffling and crops are really on: the epochs differ.
+    epochs = [[r["batch"] for r in straight if r["epoch"] == e] for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def _assert_same(a, b, where: str = "checkpoint") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+@pytest.mark.timeout(400)
+def test_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(runs: dict) -> None:
+    straight = torch.load(runs["straight_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(runs["stopped_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert straight["animevq"]["batches_seen"] == 3 * BATCHES_PER_EPOCH
+    assert any(k.startswith("quantizer.") for k in straight["state_dict"])
+    assert int(straight["state_dict"]["quantizer.updates"]) == 3 * BATCHES_PER_EPOCH
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "animevq", "global_step", "epoch"):
+        _assert_same(straight[key], resumed[key], key)
+    rng = "ExactResume"
+    _assert_same(straight["callbacks"][rng], resumed["callbacks"][rng], "rng")
+    # And the resume really restored something: the state at the stop differs from the end.
+    assert not torch.equal(runs["at_stop"]["state_dict"]["quantizer.embedding"],
+                           straight["state_dict"]["quantizer.embedding"])
