@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--disc_ramp_steps", type=int, default=500)
     p.add_argument("--lambda_gan", type=float, default=0.1)
     p.add_argument("--val_every", type=int, default=250)
+    p.add_argument("--log_every", type=int, default=50)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--workers", type=int, default=12)
@@ -89,7 +90,7 @@ def main() -> None:
     lpips = a.lpips_vgg_weights is not None
     model = VQVAEModel(
         use_lpips=lpips, lambda_perc=0.5 if lpips else 0.0, lpips_vgg_weights=a.lpips_vgg_weights,
-        restart_dead_codes=not a.no_restart, log_every_n_steps=50, log_images_every_n_steps=10**9,
+        restart_dead_codes=not a.no_restart, log_every_n_steps=a.log_every, log_images_every_n_steps=10**9,
         warmup_steps=200, compile=a.compile,
         **(dict(lambda_gan=a.lambda_gan, disc_start=a.disc_start, disc_ramp_steps=a.disc_ramp_steps,
                 disc_norm="group", betas=(0.5, 0.9), grad_clip_norm=1.0) if a.gan else {}),
@@ -114,6 +115,11 @@ def main() -> None:
     for r, (batch, sharp) in zip(val, sharpness.rows):
         print(f"{batch:>6} {r['val/recon_loss']:>10.4f} {r['val/code_usage_rate']:>10.3f} "
               f"{r['val/perplexity']:>8.1f} {sharp:>10.3f}")
+    speeds = [r["train/images_per_sec"] for r in rows if "train/images_per_sec" in r]
+    if speeds:
+        later = sorted(speeds[len(speeds) // 2 :])  # after compilation and warm-up
+        print(f"training throughput on these files: {later[len(later) // 2]:.1f} images/s (median of the "
+              f"last {len(later)} logging intervals)")
     if train:
         last = train[-1]
         print(f"train (last {model.hparams.usage_window} batches): usage {last['train/code_usage_rate']:.3f}, "

@@ -146,7 +146,7 @@ class LastCheckpoint(pl.Callback):
             return
         tmp = self.dirpath / f".{LAST_NAME}.tmp"
         try:
-            trainer.save_checkpoint(tmp)  # rank 0 writes
+            trainer.save_checkpoint(tmp, weights_only=False)  # full training state; rank 0 writes
         except BaseException:
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)  # last.ckpt was never touched

@@ -139,6 +139,7 @@ def _trainer_defaults() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``animevq`` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] in TOOLS:
@@ -147,13 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         module = importlib.import_module(TOOLS[argv[0]])
         raise SystemExit(module.main(argv))
     try:
-        _run_cli(argv)
+        # LightningCLI reads sys.argv itself, and warns when also handed the same arguments.
+        _run_cli(None if from_command_line else argv)
     except SIGTERMException:
         log.warning("stopped by SIGTERM after writing the last checkpoint; resume with --ckpt_path last")
         raise SystemExit(EXIT_SIGTERM) from None
 
 
-def _run_cli(argv: list[str]) -> None:
+def _run_cli(argv: list[str] | None) -> None:
     AnimeVQCLI(
         VQVAEModel,
         AnimeDataModule,
