@@ -28,11 +28,11 @@ from torch import nn
 from . import metrics
 from .checkpoint import load_model, weights_sha256
 from .nn.quantizer import code_stats
-from .tokenize import (
+from .tokenize import grid_size
+from .toolio import (
     add_common_arguments,
     autocast,
     error_message,
-    grid_size,
     image_batches,
     list_inputs,
     prepare_out_dir,

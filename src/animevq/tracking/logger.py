@@ -19,19 +19,16 @@ import os
 import time
 import warnings
 from argparse import Namespace
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import swanlab
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from swanlab.integration.pytorch_lightning import SwanLabLogger as _SwanLabLoggerBase
 
 from .fallback import MetricsFallback
-from .images import check_uint8_image
 from .media import log_image
 from .mode import require_cloud_credentials, resolve_mode, to_swanlab_mode
 
