@@ -141,3 +141,26 @@ def test_bad_shapes_and_indices_are_rejected() -> None:
         vq(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         vq.lookup(torch.tensor([[[8]]]))
+
+
+def test_kmeans_init_places_codes_on_the_data_clusters() -> None:
+    centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
+    z = (centres.repeat_interleave(16, 0) + 0.01 * torch.randn(64, 2)).T.reshape(1, 2, 8, 8)
+    vq = VectorQuantizerEMA(4, 2, kmeans_init=True, restart_dead_codes=False)
+    assert not bool(vq.initialized)
+    out = vq(z)
+    assert bool(vq.initialized) and out.code_usage_rate == 1.0  # every cluster got its own code
+    distance = torch.cdist(vq.codebook, centres).min(1).values
+    assert (distance < 0.1).all()
+    before = vq.codebook.clone()
+    vq.eval()(z)
+    assert torch.equal(before, vq.codebook)  # initialised once, never again
+
+
+def test_l2_normalized_codes_stay_unit_length() -> None:
+    vq = VectorQuantizerEMA(8, 4, l2_normalize=True)
+    assert torch.allclose(vq.codebook.norm(dim=1), torch.ones(8), atol=1e-6)
+    for _ in range(5):
+        out = vq(torch.randn(2, 4, 3, 3) * 7)
+    assert torch.allclose(vq.codebook.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert torch.allclose(out.z_q.norm(dim=1), torch.ones(2, 3, 3), atol=1e-5)  # compared as unit vectors

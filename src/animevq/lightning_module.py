@@ -11,6 +11,7 @@ import time
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -234,6 +235,8 @@ class VQVAEModel(AdversarialMixin, NonFiniteGuardMixin, pl.LightningModule):
         if self._prepared:
             return
         self._prepared = True
+        if self.adversarial:
+            self._allow_unused_parameters_under_ddp()
         on_cuda = self._trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
         if self.hparams.channels_last and on_cuda:
             self.to(memory_format=torch.channels_last)
@@ -246,6 +249,19 @@ class VQVAEModel(AdversarialMixin, NonFiniteGuardMixin, pl.LightningModule):
             for module in (self.encoder, decoder, self.lpips, self.discriminator):
                 if module is not None:
                     module.compile()
+
+    def _allow_unused_parameters_under_ddp(self) -> None:
+        """VQ-GAN's generator backward never reaches the discriminator, nor its backward the
+        autoencoder. DDP without find_unused_parameters then waits for gradients that never
+        come, and buckets shared with them are never all-reduced: ranks silently drift apart.
+        The model is wrapped by DDP after this hook, so the setting still applies."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if isinstance(strategy, DDPStrategy) and isinstance(kwargs, dict) and not kwargs.get("find_unused_parameters"):
+            kwargs["find_unused_parameters"] = True
+            rank_zero_info("VQ-GAN under DDP: find_unused_parameters=True (each backward uses half the model)")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.hparams.channels_last and isinstance(batch, torch.Tensor) and batch.is_cuda and batch.dim() == 4:

@@ -280,17 +280,26 @@ class VectorQuantizerEMA(nn.Module):
         return dead.sum()
 
     @torch.no_grad()
-    def _kmeans_init(self, flat: torch.Tensor) -> None:
-        """Lloyd's k-means on the first (global) batch; seeds from random vectors."""
-        pool = self._global_vectors(flat)
+    def _kmeans_pp_seeds(self, pool: torch.Tensor) -> torch.Tensor:
+        """k-means++ seeding (Arthur & Vassilvitskii 2007): each next seed is drawn with
+        probability ∝ its squared distance to the nearest seed so far. (K,D), same on every rank."""
         g = self._generator()
-        replace = pool.shape[0] < self.num_embeddings
-        pick = (
-            torch.randint(pool.shape[0], (self.num_embeddings,), generator=g)
-            if replace
-            else torch.randperm(pool.shape[0], generator=g)[: self.num_embeddings]
-        ).to(pool.device)
-        codes = pool[pick].clone()
+        first = int(torch.randint(pool.shape[0], (1,), generator=g))
+        codes = torch.empty(self.num_embeddings, pool.shape[1], device=pool.device, dtype=pool.dtype)
+        codes[0] = pool[first]
+        nearest = ((pool - codes[0]) ** 2).sum(1)  # (N,)
+        for k in range(1, self.num_embeddings):
+            weights = nearest.double().cpu()
+            pick = int(torch.multinomial(weights, 1, generator=g)) if weights.sum() > 0 else k % pool.shape[0]
+            codes[k] = pool[pick]
+            nearest = torch.minimum(nearest, ((pool - codes[k]) ** 2).sum(1))
+        return codes
+
+    @torch.no_grad()
+    def _kmeans_init(self, flat: torch.Tensor) -> None:
+        """Lloyd's k-means on the first (global) batch, from k-means++ seeds."""
+        pool = self._global_vectors(flat)
+        codes = self._kmeans_pp_seeds(pool)
         for _ in range(self.kmeans_iters):
             assign = nearest_code(pool, codes)
             n = torch.bincount(assign, minlength=self.num_embeddings).float()
