@@ -10,8 +10,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the seed's import paths (model/, dataloader/) live at the root
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "src"):  # this checkout's package, and the seed's import paths at the root
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 os.environ.setdefault("SWANLAB_MODE", "local")
 torch.set_num_threads(1)  # tiny models: two threads on a 2-core CI machine only contend

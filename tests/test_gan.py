@@ -167,3 +167,33 @@ def test_nonfinite_batch_is_skipped_by_both_optimizers(tmp_path, gan_kwargs) -> 
     assert model.batches_seen == 3 and model.nonfinite_total == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(b).all() for b in model.quantizer.buffers())
+
+
+def test_float16_loss_scaling_on_cpu(tmp_path, gan_kwargs) -> None:
+    """A real GradScaler ('16-mixed' on the CPU via an explicit plugin): the generator's
+    loss-scale borrowing divides out exactly, so no step overflows and the scale holds."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    model = VQVAEModel(**dict(gan_kwargs, disc_start=0, use_lpips=True, lpips_random_init=True))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    e0 = snapshot(model.encoder)
+    trainer(tmp_path, max_epochs=1, limit_train_batches=3,
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, loader())
+    assert model._loss_scale() == 1024.0 and scaler.get_scale() == 1024.0  # no inf/NaN step backed it off
+    assert changed(e0, model.encoder) and model.nonfinite_total == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_generator_gradients_do_not_depend_on_the_borrowed_loss_scale(gan_kwargs) -> None:
+    model = VQVAEModel(**dict(gan_kwargs, disc_start=0)).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    grads = []
+    for scale in (1.0, 1024.0):
+        model._loss_scale = lambda scale=scale: scale  # what a GradScaler's scale would be
+        _, _, weight, surrogate = model._generator_losses(x, step=0)
+        model.zero_grad()
+        surrogate.backward()
+        grads.append((weight, [p.grad.clone() for p in model.decoder.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
