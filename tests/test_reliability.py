@@ -29,6 +29,7 @@ from animevq.reliability import (
     restore_rng_state,
     verify_checkpoint,
 )
+from plain import assert_plain
 
 IMAGES = 16  # (16,3,32,32) random images, batch size 2: 8 batches per epoch
 
@@ -359,24 +360,12 @@ def test_free_space_is_checked_against_the_checkpoint_size(tmp_path: Path, monke
 
 
 # ---------------------------------------------------------------------------- 8. checkpoint contents
-def _plain(tree, where: str = "checkpoint") -> None:
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            assert isinstance(key, (str, int)), f"{where}: key {key!r}"
-            _plain(value, f"{where}[{key!r}]")
-    elif isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            _plain(value, f"{where}[{i}]")
-    else:
-        assert tree is None or isinstance(tree, (torch.Tensor, str, int, float, bool)), f"{where}: {type(tree)}"
-
-
 def test_vqgan_checkpoint_holds_only_tensors_and_plain_values(tiny_kwargs: dict, tmp_path: Path) -> None:
     # VQ-VAE (a CLI fit): tests/test_resume_exact.py::test_cli_checkpoint_holds_only_tensors_and_plain_values.
     model = VQVAEModel(**tiny_kwargs, lambda_gan=0.1, disc_start=0, lecam_weight=0.1, log_images_every_n_steps=1000)
     _fit(model, [LastCheckpoint(tmp_path, every_n_steps=2), ExactResume()], max_steps=4)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    _plain(saved)
+    assert_plain(saved)
     assert any(k.startswith("discriminator.") for k in saved["state_dict"]) and len(saved["optimizer_states"]) == 2
     assert "rng" in saved["callbacks"]["ExactResume"]
 
@@ -387,7 +376,7 @@ def test_rng_states_round_trip() -> None:
     import numpy as np
 
     state = capture_rng_state()
-    _plain(state)
+    assert_plain(state)
     first = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
     restore_rng_state(state)
     again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])

@@ -13,6 +13,7 @@ import yaml
 
 from clirun import make_images, run_animevq
 from conftest import TINY
+from plain import assert_plain
 from test_data_poison import BAD_FILES, _write_bad, _write_good
 
 LISTING_REASONS = {"broken_link", "outside_data_dir"}  # refused while listing, never loaded
@@ -72,18 +73,6 @@ def test_unwritable_swanlab_folder_falls_back_to_csv_in_the_run_folder(poisoned_
     assert all(torch.isfinite(torch.tensor(float(row["value"]))) for row in rows)
 
 
-def _assert_plain(tree, where: str = "checkpoint") -> None:
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            assert isinstance(key, (str, int)), f"{where}: key {key!r}"
-            _assert_plain(value, f"{where}[{key!r}]")
-    elif isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            _assert_plain(value, f"{where}[{i}]")
-    else:
-        assert tree is None or isinstance(tree, (torch.Tensor, str, int, float, bool)), f"{where}: {type(tree)}"
-
-
 @pytest.mark.timeout(200)
 def test_cli_checkpoints_hold_only_tensors_and_plain_values(poisoned_fit: dict) -> None:
     # VQ-GAN: tests/test_reliability.py::test_vqgan_checkpoint_holds_only_tensors_and_plain_values.
@@ -91,7 +80,7 @@ def test_cli_checkpoints_hold_only_tensors_and_plain_values(poisoned_fit: dict) 
     assert {"last.ckpt"} < {p.name for p in checkpoints} and any(p.name.startswith("best-") for p in checkpoints)
     for path in checkpoints:
         saved = torch.load(path, weights_only=True)
-        _assert_plain(saved, path.name)
+        assert_plain(saved, path.name)
     assert "rng" in saved["callbacks"]["ExactResume"]
 
 
