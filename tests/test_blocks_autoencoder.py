@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from animevq.nn.autoencoder import Decoder, Encoder
-from animevq.nn.blocks import ResBlock, norm_groups
+from animevq.nn.blocks import ResBlock, Upsample, norm_groups, upsample_conv3x3
 
 
 @pytest.mark.parametrize(
@@ -28,6 +28,49 @@ def test_resblock_skip_projection_only_when_width_changes() -> None:
     # With the residual branch zeroed the block is exactly its skip path.
     torch.nn.init.zeros_(same.conv2.weight), torch.nn.init.zeros_(same.conv2.bias)
     assert torch.equal(same(x), x)
+
+
+def literal_upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    up = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    return torch.nn.functional.conv2d(up, weight, bias, padding=1)
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (2, 3), (7, 5), (16, 16)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_phase_conv_equals_nearest_upsample_then_conv3x3(height: int, width: int, with_bias: bool) -> None:
+    g = torch.Generator().manual_seed(height * 100 + width)
+    x = torch.randn(2, 5, height, width, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 5, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(3, generator=g, dtype=torch.float64) if with_bias else None
+    torch.testing.assert_close(upsample_conv3x3(x, weight, bias), literal_upsample_conv(x, weight, bias),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_phase_conv_gradients_equal_the_literal_form() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 6, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(6, generator=g, dtype=torch.float64)
+    upstream = torch.randn(2, 6, 12, 10, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (upsample_conv3x3, literal_upsample_conv):
+        inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        grads.append(torch.autograd.grad((fn(*inputs) * upstream).sum(), inputs))
+    for fast, literal in zip(*grads):
+        torch.testing.assert_close(fast, literal, rtol=1e-12, atol=1e-12)
+
+
+def test_upsample_module_keeps_the_3x3_parameter_and_both_forms_agree() -> None:
+    torch.manual_seed(0)
+    fast = Upsample(8, 4)
+    literal = Upsample(8, 4, phase_conv=False)
+    literal.load_state_dict(fast.state_dict())  # same checkpoint keys and shapes either way
+    assert fast.conv.weight.shape == (4, 8, 3, 3) and list(fast.state_dict()) == ["conv.weight", "conv.bias"]
+    x = torch.randn(2, 8, 5, 4)
+    torch.testing.assert_close(fast(x), literal(x), rtol=1e-5, atol=1e-5)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast.to(memory_format=torch.channels_last)(channels_last), literal(x),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_encoder_decoder_shapes_seed_architecture_at_small_width() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["norm_groups", "group_norm", "ResBlock", "Downsample", "Upsample"]
+__all__ = ["norm_groups", "group_norm", "ResBlock", "Downsample", "Upsample", "upsample_conv3x3"]
 
 MAX_GROUPS = 32  # the usual GroupNorm setting (Wu & He 2018) for widths >= 32
 MIN_CHANNELS_PER_GROUP = 4  # fewer channels per group makes GroupNorm's statistics noisy
@@ -65,12 +65,49 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-class Upsample(nn.Module):
-    """Nearest ×2 then Conv3×3: (B,C_in,H,W) → (B,C_out,2H,2W)."""
+# Nearest ×2 then a 3×3 conv, per output phase: row 2i+a of the upsampled image repeats
+# input row i, so the conv's three row taps fall on only two input rows. _PHASE_TAPS[s]
+# folds the taps (k = 0, 1, 2) onto those two rows for the sub-pixel s of pixel_shuffle:
+# s = 0 holds phase a = 1 (rows i, i+1), s = 1 holds phase a = 0 (rows i-1, i).
+_PHASE_TAPS = (((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)), ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)))
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+
+def phase_weights(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out,C_in,3,3) kernel of "nearest ×2 → Conv3×3" → (4·C_out,C_in,2,2) kernel of the
+    same map as a 2×2 conv at the input's resolution followed by pixel_shuffle(2)."""
+    taps = weight.new_tensor(_PHASE_TAPS)  # (sub-pixel s, tap p, kernel row k)
+    phased = torch.einsum("spk,oikl,tql->ostipq", taps, weight, taps)
+    return phased.reshape(-1, weight.shape[1], 2, 2)
+
+
+def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Exactly ``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)``
+    with 16 instead of 36 multiply-adds per input pixel and weight (2.25× fewer FLOPs), and
+    without materialising the 4× larger upsampled input.
+
+    A 2×2 conv over the zero-padded input gives all four phases on an (H+1)×(W+1) grid;
+    pixel_shuffle interleaves them and a one-pixel crop aligns the result.
+    """
+    H, W = x.shape[-2:]
+    bias4 = None if bias is None else bias.repeat_interleave(4)
+    y = nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1)), phase_weights(weight), bias4)
+    return nn.functional.pixel_shuffle(y, 2)[..., 1 : 2 * H + 1, 1 : 2 * W + 1]
+
+
+class Upsample(nn.Module):
+    """Nearest ×2 then Conv3×3: (B,C_in,H,W) → (B,C_out,2H,2W).
+
+    The parameter is the 3×3 conv of the architecture (checkpoints are unchanged); with
+    ``phase_conv`` (default) the forward runs the exact low-resolution form
+    (``upsample_conv3x3``), otherwise the literal interpolate-then-conv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, phase_conv: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.phase_conv = phase_conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.phase_conv:
+            return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
         return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))

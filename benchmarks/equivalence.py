@@ -1,0 +1,163 @@
+"""Do the speed-ups change results? Short GPU training runs before and after each one.
+
+    python benchmarks/equivalence.py .data/emoji --steps 40
+
+Every run trains from the same initial weights on the same real images (batch 32, 256×256)
+and records each step's losses. The speed-ups are switched on one at a time, in the order
+they were made, each compared with the run before it:
+
+    VQ-VAE: bf16 eager NCHW, literal upsampling → channels_last → torch.compile
+            → phase-conv upsampling (the final configuration)
+    VQ-GAN: textbook generator step (adaptive weight through the whole graph) → the
+            single-pass step → all of the above
+
+"bf16 noise" is the same comparison between a float32 run and the bf16 baseline: a speed-up
+changes nothing beyond rounding if its differences are of that size or smaller. Training is
+chaotic (argmin code assignments flip on rounding), so differences grow along a run; the
+table shows the mean relative difference over the first 10 steps and over all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import lightning.pytorch as pl  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from animevq.lightning_module import VQVAEModel  # noqa: E402
+from animevq.losses import adaptive_weight, generator_loss, ramp_weight  # noqa: E402
+from animevq.nn.blocks import Upsample  # noqa: E402
+
+SMALL_LR = dict(learning_rate=1e-4, warmup_steps=0, log_every_n_steps=10**9, log_images_every_n_steps=10**9)
+VQVAE = dict(SMALL_LR, use_lpips=False, lambda_perc=0.0)
+VQGAN = dict(SMALL_LR, use_lpips=True, lpips_random_init=True, lambda_gan=0.1, disc_start=0, disc_norm="group")
+
+
+class Recorded(VQVAEModel):
+    """VQVAEModel that keeps every training step's losses as floats."""
+
+    textbook_generator = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.record: list[dict[str, float]] = []
+
+    def after_train_batch(self, x, out, extra) -> None:
+        row = {"total": out.total_loss, "recon": out.recon_loss, "vq": out.vq_loss}
+        if "train/g_loss" in extra:
+            row["g_loss"] = extra["train/g_loss"]
+        self.record.append({k: float(v.detach()) for k, v in row.items()})
+        super().after_train_batch(x, out, extra)
+
+    def _generator_losses(self, x, step):
+        if not self.textbook_generator:
+            return super()._generator_losses(x, step)
+        # Before the single-pass rewrite: ∇_W of both losses through the whole graph.
+        hp = self.hparams
+        out = self(x)
+        g_loss = generator_loss(self.discriminator(out.reconstruction), hp.disc_loss)
+        nll = hp.lambda_rec * out.recon_loss + hp.lambda_perc * out.perc_loss
+        weight = adaptive_weight(nll, g_loss, self.decoder.last_layer, max_weight=hp.disc_weight_max)
+        d_weight = weight * (hp.lambda_gan * ramp_weight(step, hp.disc_start, hp.disc_ramp_steps))
+        return out, g_loss.detach(), d_weight, out.total_loss + d_weight * g_loss
+
+
+def load_batches(folder: Path, steps: int, batch: int, size: int) -> list[torch.Tensor]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    need = steps * batch
+    if len(files) < need:
+        raise SystemExit(f"{folder} has {len(files)} images; {steps} steps of {batch} need {need}")
+    images = []
+    for path in files[:need]:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3))
+    x = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return list(x.split(batch))
+
+
+def run(name: str, kwargs: dict, state: dict, batches: list[torch.Tensor], *, precision: str = "bf16-mixed",
+        channels_last: bool = False, compile: bool = False, phase_conv: bool = False,
+        textbook: bool = False) -> list[dict[str, float]]:
+    torch.manual_seed(0)
+    model = Recorded(channels_last=channels_last, compile=compile, **kwargs)
+    model.load_state_dict(state)
+    model.textbook_generator = textbook
+    for module in model.modules():
+        if isinstance(module, Upsample):
+            module.phase_conv = phase_conv
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         max_epochs=1, limit_val_batches=0, benchmark=False, deterministic=False)
+    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    print(f"  {name}: {len(model.record)} steps, last total loss {model.record[-1]['total']:.5f}", flush=True)
+    return model.record
+
+
+def rel_diff(a: list[dict[str, float]], b: list[dict[str, float]], key: str, upto: int | None = None) -> float:
+    pairs = list(zip(a, b))[:upto]
+    return statistics.mean(abs(x[key] - y[key]) / max(abs(y[key]), 1e-8) for x, y in pairs if key in x and key in y)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--variants", nargs="+", default=["vqvae", "vqgan"], choices=["vqvae", "vqgan"])
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/equivalence.py needs a CUDA GPU")
+    # The float32 reference is true float32: no TF32 in convolutions or matrix products.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    batches = load_batches(args.data_dir, args.steps, args.batch, args.size)
+    results: dict[str, dict[str, list]] = {}
+    table = []
+    for variant in args.variants:
+        kwargs = VQVAE if variant == "vqvae" else VQGAN
+        torch.manual_seed(0)
+        state = {k: v.clone() for k, v in VQVAEModel(**kwargs).state_dict().items()}
+        gan = variant == "vqgan"
+        chain = [("float32 eager", dict(precision="32-true", textbook=gan)),
+                 ("bf16 eager NCHW" + (" textbook step" if gan else ""), dict(textbook=gan))]
+        if gan:
+            chain.append(("+ single-pass generator step", {}))
+        chain += [("+ channels_last", dict(channels_last=True)),
+                  ("+ torch.compile", dict(channels_last=True, compile=True)),
+                  ("+ phase-conv upsampling (final)", dict(channels_last=True, compile=True, phase_conv=True))]
+        print(f"{variant}:", flush=True)
+        runs = {name: run(name, kwargs, state, batches, **opts) for name, opts in chain}
+        results[variant] = runs
+        names = list(runs)
+        keys = ("total", "g_loss") if gan else ("total",)
+        for i in range(1, len(names)):
+            ref = names[i - 1]
+            label = "bf16 noise (vs float32)" if i == 1 else names[i]
+            row = [variant, label, ref]
+            for key in keys:
+                row += [rel_diff(runs[names[i]], runs[ref], key, 10), rel_diff(runs[names[i]], runs[ref], key)]
+            table.append(row)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} steps of {args.batch} "
+          f"real images at {args.size}px; mean relative difference of the step losses vs the previous run")
+    print(f"{'variant':<7}{'change':<34}{'total, 10 steps':>16}{'all steps':>11}{'G loss, 10':>12}{'all':>9}")
+    for row in table:
+        cells = "".join(f"{v:>16.2e}" if i == 0 else f"{v:>11.2e}" if i == 1 else f"{v:>12.2e}" if i == 2 else
+                        f"{v:>9.2e}" for i, v in enumerate(row[3:]))
+        print(f"{row[0]:<7}{row[1]:<34}{cells}")
+    if args.json:
+        args.json.write_text(json.dumps({"card": torch.cuda.get_device_name(), "runs": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
