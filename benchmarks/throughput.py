@@ -97,7 +97,8 @@ class Profile(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.first:
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
             self.prof.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -107,7 +108,8 @@ class Profile(pl.Callback):
             self.report(self.last - self.first)
 
     def report(self, steps: int) -> None:
-        events = [e for e in self.prof.key_averages() if e.device_time_total > 0]
+        events = [e for e in self.prof.key_averages()
+                  if e.device_type == torch.autograd.DeviceType.CUDA and kernel_kind(e.key) != "annotation"]
         total = sum(e.self_device_time_total for e in events) / steps / 1e3
         groups: dict[str, float] = {}
         for e in events:
@@ -117,10 +119,32 @@ class Profile(pl.Callback):
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
             ms = e.self_device_time_total / steps / 1e3
             print(f"{ms:8.2f} ms {e.count // steps:4d}x  {kernel_kind(e.key):<12} {e.key[:110]}")
+        self.report_copies(steps)
+
+    def report_copies(self, steps: int) -> None:
+        """Which operators launch the plain copy kernels (layout changes, clones)."""
+        origins: dict[str, list[float]] = {}
+        for e in self.prof.events():
+            copy_us = sum(k.duration for k in e.kernels if "direct_copy" in k.name or "copy_kernel" in k.name)
+            if copy_us <= 0:
+                continue
+            chain, parent = [e.name], e.cpu_parent
+            while parent is not None and len(chain) < 5:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            key = " < ".join(chain) + f"  {e.input_shapes}"
+            entry = origins.setdefault(key, [0.0, 0])
+            entry[0] += copy_us / steps / 1e3
+            entry[1] += 1
+        print("copy kernels by launching operator (ms per step, launches per step):")
+        for key, (ms, n) in sorted(origins.items(), key=lambda kv: -kv[1][0])[:15]:
+            print(f"{ms:8.2f} ms {n // steps:4d}x  {key[:240]}")
 
 
 def kernel_kind(name: str) -> str:
     low = name.lower()
+    if name.startswith("## "):  # a range annotation (a compiled graph's call), not a kernel
+        return "annotation"
     if "triton" in low:
         return "triton"
     if any(k in low for k in ("conv", "xmma", "implicit", "cudnn", "dgrad", "wgrad", "fprop")):
@@ -135,7 +159,8 @@ def kernel_kind(name: str) -> str:
 def bench_train(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = VQVAEModel(warmup_steps=0, log_every_n_steps=10**9, log_images_every_n_steps=10**9,
-                       channels_last=args.channels_last, compile=args.compile, **VARIANTS[name]).cuda()
+                       channels_last=args.channels_last, compile=args.compile, **VARIANTS[name],
+                       **({} if args.guard else {"max_nonfinite_steps": None})).cuda()
     x = torch.rand(args.batch, 3, args.size, args.size, device="cuda") * 2 - 1
     flops = count_step_flops(model, x, phase_conv=False)  # the architecture's FLOPs
     executed = count_step_flops(model, x, phase_conv=args.phase_conv)
@@ -196,6 +221,8 @@ def main() -> None:
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--literal-upsample", dest="phase_conv", action="store_false",
                    help="run nearest-upsample + 3×3 conv literally (the 'before' of the phase rewrite)")
+    p.add_argument("--no-guard", dest="guard", action="store_false",
+                   help="max_nonfinite_steps=None: no non-finite-loss check (and its host sync) per step")
     p.add_argument("--profile", action="store_true", help="print a kernel-time breakdown of 3 steps per variant")
     args = p.parse_args()
     if not torch.cuda.is_available():

@@ -65,18 +65,17 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-# Nearest ×2 then a 3×3 conv, per output phase: row 2i+a of the upsampled image repeats
-# input row i, so the conv's three row taps fall on only two input rows. _PHASE_TAPS[s]
-# folds the taps (k = 0, 1, 2) onto those two rows for the sub-pixel s of pixel_shuffle:
-# s = 0 holds phase a = 1 (rows i, i+1), s = 1 holds phase a = 0 (rows i-1, i).
-_PHASE_TAPS = (((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)), ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)))
+# Nearest ×2 then a 3×3 conv, per output phase: output row 2i+a of the upsampled image
+# sees input rows i-1+a and i+a only, the conv's three row taps folded onto two.
+# _PHASE_TAPS[a][p][k] says which tap k (0..2) lands on row p (0, 1) for phase a.
+_PHASE_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
 
 
 def phase_weights(weight: torch.Tensor) -> torch.Tensor:
-    """(C_out,C_in,3,3) kernel of "nearest ×2 → Conv3×3" → (4·C_out,C_in,2,2) kernel of the
-    same map as a 2×2 conv at the input's resolution followed by pixel_shuffle(2)."""
-    taps = weight.new_tensor(_PHASE_TAPS)  # (sub-pixel s, tap p, kernel row k)
-    phased = torch.einsum("spk,oikl,tql->ostipq", taps, weight, taps)
+    """(C_out,C_in,3,3) kernel of "nearest ×2 → Conv3×3" → (4·C_out,C_in,2,2): one 2×2 kernel
+    for each output phase (a, b), output channel (2a + b)·C_out + o."""
+    taps = weight.new_tensor(_PHASE_TAPS)
+    phased = torch.einsum("apk,oikl,bql->aboipq", taps, weight, taps)
     return phased.reshape(-1, weight.shape[1], 2, 2)
 
 
@@ -85,13 +84,22 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     with 16 instead of 36 multiply-adds per input pixel and weight (2.25× fewer FLOPs), and
     without materialising the 4× larger upsampled input.
 
-    A 2×2 conv over the zero-padded input gives all four phases on an (H+1)×(W+1) grid;
-    pixel_shuffle interleaves them and a one-pixel crop aligns the result.
+    One 2×2 conv with padding 1 gives every phase (a, b) on an (H+1)×(W+1) grid, phase
+    (a, b)'s values at offset (a, b); one gather interleaves them. The result has the
+    input's memory format; under channels_last each phase's channels are read contiguously.
     """
-    H, W = x.shape[-2:]
-    bias4 = None if bias is None else bias.repeat_interleave(4)
-    y = nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1)), phase_weights(weight), bias4)
-    return nn.functional.pixel_shuffle(y, 2)[..., 1 : 2 * H + 1, 1 : 2 * W + 1]
+    N, _, H, W = x.shape
+    C = weight.shape[0]
+    y = nn.functional.conv2d(x, phase_weights(weight), padding=1)  # (N, 4C, H+1, W+1)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, C))  # (N, H+1, W+1, a, b, C): a view
+        rows = [torch.stack([y[:, a : a + H, b : b + W, a, b] for b in (0, 1)], dim=3) for a in (0, 1)]
+        out = torch.stack(rows, dim=2).reshape(N, 2 * H, 2 * W, C).permute(0, 3, 1, 2)
+    else:
+        y = y.unflatten(1, (2, 2, C))  # (N, a, b, C, H+1, W+1)
+        rows = [torch.stack([y[:, a, b, :, a : a + H, b : b + W] for b in (0, 1)], dim=-1) for a in (0, 1)]
+        out = torch.stack(rows, dim=3).reshape(N, C, 2 * H, 2 * W)
+    return out if bias is None else out + bias.view(1, C, 1, 1)
 
 
 class Upsample(nn.Module):
