@@ -158,12 +158,34 @@ def test_single_pass_generator_gradient_equals_the_textbook_loss(gan_kwargs) -> 
         torch.testing.assert_close(fast[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_nonfinite_batch_is_skipped_by_both_optimizers(tmp_path, gan_kwargs) -> None:
+@pytest.mark.parametrize("clip", [None, 1e6], ids=["device", "host"])  # how the guard decides
+def test_nonfinite_batch_is_skipped_by_both_optimizers(tmp_path, gan_kwargs, clip) -> None:
     g = torch.Generator().manual_seed(2)
     data = [torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(3)]
     data[1][0, 0, 0, 0] = float("nan")  # one poisoned pixel poisons every loss of batch 1
-    model = VQVAEModel(**dict(gan_kwargs, disc_start=0))
-    trainer(tmp_path, max_epochs=1, limit_train_batches=3).fit(model, DataLoader(data, batch_size=None))
+    model = VQVAEModel(**dict(gan_kwargs, disc_start=0, grad_clip_norm=clip, disc_norm="batch", lecam_weight=0.01))
+
+    class _AroundPoison(pl.Callback):  # everything the model holds, before and after batch 1
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 1:
+                self.on_device = pl_module._on_device
+                self.before = copy.deepcopy(pl_module.state_dict())
+                self.adam_before = copy.deepcopy([o.state_dict()["state"] for o in trainer.optimizers])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == 1:
+                self.after = copy.deepcopy(pl_module.state_dict())
+                self.adam_after = copy.deepcopy([o.state_dict()["state"] for o in trainer.optimizers])
+
+    around = _AroundPoison()
+    trainer(tmp_path, max_epochs=1, limit_train_batches=3, callbacks=[around]).fit(model, DataLoader(data, batch_size=None))
+    assert around.on_device == (clip is None)
+    assert around.before.keys() == around.after.keys()
+    assert [k for k in around.before if not torch.equal(around.before[k], around.after[k])] == []  # BatchNorm, LeCam too
+    flat = [(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b))
+            for a, b in zip(around.adam_before, around.adam_after)]
+    assert all(len(a) == len(b) > 0 and all(torch.equal(torch.as_tensor(u), torch.as_tensor(v)) for u, v in zip(a, b))
+               for a, b in flat)
     assert model.batches_seen == 3 and model.nonfinite_total == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(b).all() for b in model.quantizer.buffers())

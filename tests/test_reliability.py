@@ -4,6 +4,7 @@ steps, architecture changes on resume, unwritable or full folders, safe loading.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import zipfile
@@ -261,8 +262,18 @@ def test_nonfinite_guard_contract(model: VQVAEModel) -> None:
         VQVAEModel(**{**model.hparams, "max_nonfinite_steps": -1})
 
 
-def test_nonfinite_steps_are_skipped_counted_and_logged(model: VQVAEModel, tmp_path: Path) -> None:
-    poison, logger = _PoisonBatches({3, 4}), _Capture()
+class _Mode(pl.Callback):
+    """Records whether the guard decided on the device (no host synchronisation) or on the host."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.on_device = pl_module._on_device
+
+
+@pytest.mark.parametrize("clip", [None, 1e6], ids=["device", "host"])  # clipping forgoes fused Adam
+def test_nonfinite_steps_are_skipped_counted_and_logged(tiny_kwargs: dict, clip: float | None,
+                                                        tmp_path: Path) -> None:
+    model = VQVAEModel(**tiny_kwargs, grad_clip_norm=clip, log_every_n_steps=1, log_images_every_n_steps=1000)
+    poison, logger, mode = _PoisonBatches({3, 4}), _Capture(), _Mode()
 
     class _AfterPoison(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -271,7 +282,8 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(model: VQVAEModel, tmp_p
                 self.adam = _clone(trainer.optimizers[0].state_dict()["state"])
 
     after = _AfterPoison()
-    _fit(model, [poison, after, LastCheckpoint(tmp_path, every_n_steps=1)], max_steps=8, logger=logger)
+    _fit(model, [poison, after, mode, LastCheckpoint(tmp_path, every_n_steps=1)], max_steps=8, logger=logger)
+    assert mode.on_device == (clip is None)
     assert poison.before is not None and _equal(after.state, poison.before)  # weights and EMA codebook
     assert _equal(after.adam, poison.adam_before)
     assert (model.batches_seen, model.nonfinite_total, model.nonfinite_streak) == (8, 2, 0)
@@ -280,6 +292,41 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(model: VQVAEModel, tmp_p
     assert all(torch.isfinite(p).all() for p in model.parameters())
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["animevq"]["nonfinite_total"] == 2 and saved["animevq"]["batches_seen"] == 8
+
+
+def test_device_guard_reports_on_logging_steps(tiny_kwargs: dict, caplog: pytest.LogCaptureFixture) -> None:
+    """Decided on the device, skipped batches change nothing at once; the count, warning
+    and log entry wait for the next logging step (batch 4), where they are exact."""
+    model = VQVAEModel(**tiny_kwargs, log_every_n_steps=4)
+    poison, logger, mode = _PoisonBatches({1, 2}), _Capture(), _Mode()
+
+    class _After(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if pl_module.batches_seen == 3:
+                self.unsettled = pl_module.nonfinite_total
+                self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+                self.adam = _clone(trainer.optimizers[0].state_dict()["state"])
+
+    after = _After()
+    with caplog.at_level(logging.WARNING, logger="animevq"):
+        _fit(model, [poison, after, mode], max_steps=6, logger=logger)
+    assert mode.on_device and after.unsettled == 0  # nothing read back yet
+    assert _equal(after.state, poison.before) and _equal(after.adam, poison.adam_before)
+    assert model.nonfinite_total == 2 and model.last_skipped_batch == 2
+    skipped = [(step, m["train/skipped_nonfinite"]) for step, m in logger.metrics if "train/skipped_nonfinite" in m]
+    assert (5, 2.0) in skipped and all(value == 0.0 for step, value in skipped if step < 5)  # settled at batch 4
+    assert "non-finite loss in 2 batches up to batch 2 (0 in a row, 2 in all): steps skipped" in caplog.text
+    losses = [step for step, m in logger.metrics if "train/total_loss" in m]
+    assert losses == [1, 5] and all(math.isfinite(m.get("train/total_loss", 0.0)) for _, m in logger.metrics)
+
+
+def test_device_guard_stops_a_long_streak_at_the_next_logging_step(tiny_kwargs: dict) -> None:
+    model = VQVAEModel(**tiny_kwargs, max_nonfinite_steps=2, log_every_n_steps=4, log_images_every_n_steps=1000)
+    poison, mode = _PoisonBatches(set(range(1, 100))), _Mode()
+    with pytest.raises(NonFiniteLossError, match=r"3 training batches in a row \(batches 1–3;"):
+        _fit(model, [poison, mode], max_steps=8)
+    assert mode.on_device and model.batches_seen == 5  # found when batch 4 logged
+    assert _equal(model.state_dict(), poison.before)
 
 
 def test_too_many_nonfinite_steps_stop_with_the_checkpoint_from_before(tiny_kwargs: dict, tmp_path: Path) -> None:

@@ -139,6 +139,8 @@ class LastCheckpoint(pl.Callback):
         if batches == self._last_saved_batch or trainer.sanity_checking:
             return
         module = trainer.lightning_module
+        if hasattr(module, "settle_nonfinite"):
+            module.settle_nonfinite()  # the device's count of bad batches in a row, as of now
         if getattr(module, "nonfinite_streak", 0) > 0 or not _all_finite(module):
             # Every rank decides alike: the streak and the weights are the same everywhere.
             log.warning("not writing %s at batch %d: the model is in a run of non-finite losses or holds "

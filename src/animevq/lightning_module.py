@@ -294,13 +294,29 @@ class VQVAEModel(AdversarialMixin, NonFiniteGuardMixin, pl.LightningModule):
     def after_train_batch(self, x: torch.Tensor, out: VQVAEOutput, extra: dict[str, torch.Tensor]) -> None:
         """Bookkeeping after each training batch: usage window, scalars and images at their cadence."""
         hp = self.hparams
-        self.usage_history[self.batches_seen % hp.usage_window] = out.counts
+        self.usage_history[self.batches_seen % hp.usage_window] = self._finish_guarded_batch(out.counts)
         step = self.batches_seen
         self.batches_seen += 1
-        if step % hp.log_every_n_steps == 0:
+        scalars, images = step % hp.log_every_n_steps == 0, step % hp.log_images_every_n_steps == 0
+        if scalars or images:
+            self.settle_nonfinite()  # a skipped batch has nothing to show
+            if self.last_skipped_batch == step:
+                return
+        if scalars:
             self._log_train_scalars(x.shape[0], out, extra)
-        if step % hp.log_images_every_n_steps == 0:
+        if images:
             self._log_grid("train/reconstruction", x, out.reconstruction)
+
+    def on_train_start(self) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        accumulate = self.hparams.accumulate_grad_batches if self.adversarial else self.trainer.accumulate_grad_batches
+        self.start_nonfinite_guard(list(self.trainer.optimizers), scaler, accumulate)
+
+    def on_train_epoch_end(self) -> None:
+        self.settle_nonfinite()
+
+    def on_train_end(self) -> None:
+        self.stop_nonfinite_guard()
 
     def _log_train_scalars(self, batch_size: int, out: VQVAEOutput, extra: dict[str, torch.Tensor]) -> None:
         window = self.usage_history.sum(0)
@@ -406,7 +422,8 @@ class VQVAEModel(AdversarialMixin, NonFiniteGuardMixin, pl.LightningModule):
         # Fused Adam updates all tensors in one kernel, but Lightning cannot clip its gradients
         # under mixed precision (it unscales internally): clipping runs use the foreach kernel.
         clipping = hp.grad_clip_norm or (self._trainer is not None and self.trainer.gradient_clip_val)
-        fused = all(p.is_cuda for p in params) and not clipping
+        # Fused also lets the non-finite guard skip a step without a host synchronisation.
+        fused = {p.device.type for p in params} in ({"cuda"}, {"cpu"}) and not clipping
         return torch.optim.Adam(params, lr=lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, fused=fused)
 
     def configure_optimizers(self) -> Any:
@@ -418,6 +435,7 @@ class VQVAEModel(AdversarialMixin, NonFiniteGuardMixin, pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.settle_nonfinite()  # nonfinite_total as of now
         # The frozen LPIPS network is rebuilt from its weights file, not stored per run.
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("lpips.")]:

@@ -389,14 +389,28 @@ def check_free_space(folder: Path, checkpoint_bytes: int) -> None:
 # ---------------------------------------------------------------------------- non-finite losses
 class NonFiniteGuardMixin:
     """Skips training batches whose loss is NaN or infinite. Mixed into ``VQVAEModel``,
-    whose ``quantizer``, ``usage_history``, ``batches_seen`` and hyperparameter
-    ``max_nonfinite_steps`` it uses.
+    whose ``quantizer``, ``discriminator``, ``lecam``, ``usage_history``, ``batches_seen``
+    and hyperparameter ``max_nonfinite_steps`` it uses.
 
-    Automatic optimisation (VQ-VAE): ``training_step`` calls :meth:`_snapshot_quantizer`,
-    the forward, then :meth:`nonfinite_guard`; on a bad batch it returns
-    :meth:`skipped_step_loss` and :meth:`optimizer_step` does not step. (Returning None,
-    Lightning's own way to skip, is refused under DDP.) Manual optimisation (VQ-GAN) calls
-    :meth:`nonfinite_guard` itself and returns early.
+    Two ways to skip, chosen when training starts, alike in what a skipped batch changes
+    (nothing: weights, optimiser state, codebook and every buffer stay as they were):
+
+    * On the device, without a host synchronisation (when every optimiser is fused Adam, no
+      float16 loss scaler is in use and gradients are not accumulated; the usual GPU run).
+      The batch runs to the end; each optimiser gets the verdict as ``found_inf`` (fused
+      Adam then leaves parameters and moments untouched) and buffers the step changed are
+      put back with ``torch.where``. Streaks and counts live on the device and are read by
+      :meth:`settle_nonfinite` on logging steps, before checkpoints and at epoch ends: the
+      warning, ``train/skipped_nonfinite`` and the stop after too many bad batches in a row
+      come there, up to ``log_every_n_steps`` batches late, and a skipped batch counts as
+      a step of the learning-rate schedule.
+    * On the host otherwise: :meth:`nonfinite_guard` reads the verdict at once; on a bad
+      batch automatic optimisation (VQ-VAE) returns :meth:`skipped_step_loss` and
+      :meth:`optimizer_step` does not step (returning None, Lightning's own way to skip, is
+      refused under DDP); manual optimisation (VQ-GAN) returns early.
+
+    ``training_step`` calls :meth:`_snapshot_quantizer`, the forward, then
+    :meth:`nonfinite_guard`, and ``after_train_batch`` calls :meth:`_finish_guarded_batch`.
     """
 
     hparams: Any
@@ -410,54 +424,156 @@ class NonFiniteGuardMixin:
         self._quantizer_snapshot: list[torch.Tensor] | None = None
         self._kmeans_checked_before = False
         self._skip_optimizer_step = False
+        self._on_device = False  # the guard decides on the device (see the class docstring)
+        self._verdict: torch.Tensor | None = None  # this batch's: 1.0 skip, 0.0 step (on the device)
+        self._device_counts: dict[str, torch.Tensor] = {}
+        self.last_skipped_batch = -1  # as far as settled
+
+    def _guarded_buffers(self) -> list[torch.Tensor]:
+        """Buffers a training batch updates: the quantiser's EMA state, the discriminator's
+        BatchNorm statistics (it sees the reconstruction before the loss is known) and
+        LeCam's averages."""
+        modules = [self.quantizer, getattr(self, "discriminator", None), getattr(self, "lecam", None)]
+        return [b for m in modules if m is not None for b in m.buffers()]
+
+    def start_nonfinite_guard(self, optimizers: list[torch.optim.Optimizer], loss_scaler: Any,
+                              accumulate_grad_batches: int) -> None:
+        """Choose how to skip (see the class docstring); called when training starts."""
+        self._on_device = (
+            self.hparams.max_nonfinite_steps is not None
+            and all(getattr(o, "defaults", {}).get("fused") for o in optimizers)
+            and loss_scaler is None
+            and accumulate_grad_batches == 1
+        )
+        if self._on_device:
+            device = self.usage_history.device
+            self._device_counts = {
+                "streak": torch.zeros((), dtype=torch.long, device=device),
+                "pending": torch.zeros((), dtype=torch.long, device=device),  # bad since the last settle
+                "last_bad": torch.full((), -1, dtype=torch.long, device=device),
+                "over_at": torch.full((), -1, dtype=torch.long, device=device),  # batch that broke the limit
+            }
+        self._guarded_optimizers = list(optimizers)
+
+    def stop_nonfinite_guard(self) -> None:
+        """Read what the device counted, and take the verdict off the optimisers."""
+        try:
+            self.settle_nonfinite()
+        finally:
+            self._clear_found_inf()
+            self._on_device = False
+
+    def _clear_found_inf(self) -> None:
+        for opt in getattr(self, "_guarded_optimizers", []):
+            if hasattr(opt, "found_inf"):
+                del opt.found_inf
 
     def _snapshot_quantizer(self) -> None:
-        """Copy the quantiser's EMA state: the forward updates it before the loss is known."""
+        """Copy the state a batch updates: the forward updates it before the loss is known."""
         if self.hparams.max_nonfinite_steps is None:
             return
-        self._quantizer_snapshot = [b.detach().clone() for b in self.quantizer.buffers()]
+        self._quantizer_snapshot = [b.detach().clone() for b in self._guarded_buffers()]
         self._kmeans_checked_before = self.quantizer._kmeans_checked
 
     def nonfinite_guard(self, loss: torch.Tensor) -> bool:
-        """True if ``loss`` is finite on every rank and the batch's step may proceed.
+        """True if the batch's step may proceed: ``loss`` is finite on every rank, or the
+        verdict is left to the device.
 
-        Call it once per training batch, after the forward and before any backward. On
-        False the batch is already accounted for: the quantiser's EMA buffers are back to
-        their state at the start of ``training_step``, ``batches_seen`` has advanced,
-        ``train/skipped_nonfinite`` is logged; the caller must skip backward, optimizer
-        steps and ``after_train_batch``. After more than ``max_nonfinite_steps`` such
-        batches in a row it raises :class:`NonFiniteLossError` instead (the last good
-        checkpoint stays: ``LastCheckpoint`` writes nothing during a run of them).
+        Call it once per training batch, after the forward and before any backward. On the
+        host (see the class docstring), False means the batch is already accounted for:
+        the buffers it updated (:meth:`_guarded_buffers`) are back to their state at the
+        start of ``training_step``, ``batches_seen`` has advanced, ``train/skipped_nonfinite`` is
+        logged; the caller must skip backward, optimizer steps and ``after_train_batch``.
+        After more than ``max_nonfinite_steps`` such batches in a row it raises
+        :class:`NonFiniteLossError` instead (the last good checkpoint stays:
+        ``LastCheckpoint`` writes nothing during a run of them).
 
-        Costs one host synchronisation (and, under DDP, one tiny all-reduce so every rank
-        decides alike); with ``max_nonfinite_steps=None`` it returns True at no cost.
+        On the host it costs one synchronisation (and, under DDP, one tiny all-reduce so
+        every rank decides alike); with ``max_nonfinite_steps=None`` it returns True at no cost.
         """
         limit = self.hparams.max_nonfinite_steps
         if limit is None:
             return True
+        # A k-means initialisation sets a host-side flag a device verdict could not undo.
+        if self._on_device and (self._kmeans_checked_before or not self.quantizer.kmeans_init):
+            self._record_verdict(loss, limit)
+            return True
         finite = bool(torch.isfinite(loss.detach()).all())
         if self._trainer is not None and self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        self._verdict = None
+        self._clear_found_inf()
         if finite:
             self.nonfinite_streak = 0
             return True
         if self._quantizer_snapshot is not None:
-            for buffer, saved in zip(self.quantizer.buffers(), self._quantizer_snapshot):
+            for buffer, saved in zip(self._guarded_buffers(), self._quantizer_snapshot):
                 buffer.copy_(saved)
             self.quantizer._kmeans_checked = self._kmeans_checked_before
         self.nonfinite_streak += 1
         self.nonfinite_total += 1
         batch = self.batches_seen
+        self.last_skipped_batch = batch
         self.usage_history[batch % self.hparams.usage_window] = 0  # this batch used no codes
         self.batches_seen += 1
         if self.nonfinite_streak > limit:
-            raise NonFiniteLossError(self._nonfinite_message(batch))
+            raise NonFiniteLossError(self._nonfinite_message(batch, self.nonfinite_streak))
+        self._report_skipped(f"non-finite loss at batch {batch} ({self.nonfinite_streak} in a row, "
+                             f"{self.nonfinite_total} in all): step skipped")
+        return False
+
+    def _record_verdict(self, loss: torch.Tensor, limit: int) -> None:
+        """The device half of the guard: no host synchronisation (NCCL's all-reduce neither)."""
+        bad = (~torch.isfinite(loss.detach()).all()).to(torch.float32)
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank alike
+        for opt in self._guarded_optimizers:
+            opt.found_inf = bad  # fused Adam: no update, step count unchanged
+        self._verdict = bad
+        skip = bad.bool()
+        c, batch = self._device_counts, self.batches_seen
+        c["streak"] = torch.where(skip, c["streak"] + 1, 0)
+        c["pending"] += skip
+        c["last_bad"] = torch.where(skip, batch, c["last_bad"])
+        c["over_at"] = torch.where((c["over_at"] < 0) & (c["streak"] > limit), batch, c["over_at"])
+
+    def _finish_guarded_batch(self, counts: torch.Tensor) -> torch.Tensor:
+        """After a batch decided on the device: put back what a skipped batch changed.
+        Returns the batch's code counts for the usage window (zeros if it was skipped)."""
+        if self._verdict is None:
+            return counts
+        skip = self._verdict.bool()
+        if self._quantizer_snapshot is not None:
+            for buffer, saved in zip(self._guarded_buffers(), self._quantizer_snapshot):
+                buffer.copy_(torch.where(skip, saved, buffer))
+        self._verdict = None
+        return torch.where(skip, 0.0, counts)
+
+    def settle_nonfinite(self) -> None:
+        """Read the device's counts (one host synchronisation): warn and log skipped
+        batches, and raise :class:`NonFiniteLossError` after too many in a row."""
+        if not self._on_device:
+            return
+        c = self._device_counts
+        streak, pending, last_bad, over_at = torch.stack([c["streak"], c["pending"], c["last_bad"],
+                                                          c["over_at"]]).tolist()
+        c["pending"].zero_()
+        self.nonfinite_streak = streak
+        if pending == 0:
+            return
+        self.nonfinite_total += pending
+        self.last_skipped_batch = last_bad
+        if over_at >= 0:
+            raise NonFiniteLossError(self._nonfinite_message(over_at, self.hparams.max_nonfinite_steps + 1))
+        where = f"at batch {last_bad}" if pending == 1 else f"in {pending} batches up to batch {last_bad}"
+        self._report_skipped(f"non-finite loss {where} ({streak} in a row, {self.nonfinite_total} in all): "
+                             f"step{'' if pending == 1 else 's'} skipped")
+
+    def _report_skipped(self, message: str) -> None:
         if self._trainer is not None and self.trainer.is_global_zero:
-            log.warning("non-finite loss at batch %d (%d in a row, %d in all): step skipped",
-                        batch, self.nonfinite_streak, self.nonfinite_total)
+            log.warning(message)
             for logger in self.loggers:
                 logger.log_metrics({"train/skipped_nonfinite": float(self.nonfinite_total)}, step=self.batches_seen)
-        return False
 
     def skipped_step_loss(self) -> torch.Tensor:
         """A loss whose gradient is exactly zero for every trainable parameter (so DDP's
@@ -478,8 +594,8 @@ class NonFiniteGuardMixin:
             return None
         return super().optimizer_step(epoch, batch_idx, optimizer, lambda: loss)
 
-    def _nonfinite_message(self, batch: int) -> str:
-        first = batch - self.nonfinite_streak + 1
+    def _nonfinite_message(self, batch: int, streak: int) -> str:
+        first = batch - streak + 1
         where = "no checkpoint was written yet"
         if self._trainer is not None:
             from .checkpointing import LastCheckpoint
@@ -488,7 +604,7 @@ class NonFiniteGuardMixin:
                 if isinstance(callback, LastCheckpoint) and callback.last_saved_batch is not None:
                     where = f"the last good checkpoint is {callback.path} (batch {callback.last_saved_batch})"
         return (
-            f"the loss was NaN or infinite for {self.nonfinite_streak} training batches in a row "
+            f"the loss was NaN or infinite for {streak} training batches in a row "
             f"(batches {first}–{batch}; max_nonfinite_steps={self.hparams.max_nonfinite_steps}), so the run stops; "
             f"{where}. Lower learning_rate, set grad_clip_norm, train in precision 32 or bf16-mixed, or check "
             "the data, then resume with --ckpt_path."
