@@ -150,11 +150,11 @@ def main() -> None:
             table.append(row)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} steps of {args.batch} "
           f"real images at {args.size}px; mean relative difference of the step losses vs the previous run")
-    print(f"{'variant':<7}{'change':<34}{'total, 10 steps':>16}{'all steps':>11}{'G loss, 10':>12}{'all':>9}")
+    print(f"{'variant':<7} {'change':<34}{'total, 10 steps':>16}{'all steps':>11}{'G loss, 10':>12}{'all':>9}")
     for row in table:
         cells = "".join(f"{v:>16.2e}" if i == 0 else f"{v:>11.2e}" if i == 1 else f"{v:>12.2e}" if i == 2 else
                         f"{v:>9.2e}" for i, v in enumerate(row[3:]))
-        print(f"{row[0]:<7}{row[1]:<34}{cells}")
+        print(f"{row[0]:<7} {row[1]:<34}{cells}")
     if args.json:
         args.json.write_text(json.dumps({"card": torch.cuda.get_device_name(), "runs": results}, indent=1))
 

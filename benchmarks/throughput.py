@@ -5,7 +5,8 @@
     python benchmarks/throughput.py --variants vqvae --compile --profile   # where the time goes
 
 For each variant it runs real Lightning training steps (optimizer included) on random
-images already on the device, times the steps after warm-up with CUDA events, and counts
+images already on the device, times the steps after warm-up with CUDA events (no host
+synchronisation between steps, as in a training run), and counts
 the FLOPs of one step with torch's FlopCounterMode (counted, not assumed). It also times
 encoder-only tokenizing. Prints a table; ``--json`` writes the numbers.
 
@@ -23,6 +24,8 @@ import json
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,21 +47,30 @@ VARIANTS = {
 
 
 class StepTimer(pl.Callback):
-    """CUDA-event time of every training batch."""
+    """CUDA-event time of every training batch, without a host synchronisation per step.
+
+    An event is queued as each batch starts and one after the last; the time of batch i is
+    the time between the events of batches i and i+1, read once training has ended. Waiting
+    on each step's end instead would leave the GPU idle while the host prepares the next
+    step, which a training run does not do.
+    """
 
     def __init__(self) -> None:
         self.times: list[float] = []
-        self._start: torch.cuda.Event | None = None
+        self._events: list[torch.cuda.Event] = []
+
+    def _mark(self) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self._events.append(event)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._start.record()
+        self._mark()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        end.synchronize()
-        self.times.append(self._start.elapsed_time(end) / 1000.0)
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._mark()
+        self._events[-1].synchronize()
+        self.times = [a.elapsed_time(b) / 1000.0 for a, b in zip(self._events, self._events[1:])]
 
 
 def random_batches(n: int, batch: int, size: int) -> list[torch.Tensor]:
@@ -141,6 +153,36 @@ class Profile(pl.Callback):
             print(f"{ms:8.2f} ms {n // steps:4d}x  {key[:240]}")
 
 
+class SyncDebug(pl.Callback):
+    """Reports every host synchronisation in a few steps after warm-up, with where it happens
+    (torch.cuda.set_sync_debug_mode): the hot loop should have none."""
+
+    def __init__(self, first: int, steps: int = 2) -> None:
+        self.first, self.last = first, first + steps
+        self.stacks: dict[str, int] = {}
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" in str(message).lower():
+            here = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename][-6:]
+            key = str(message).split("\n")[0][:80] + "\n" + "".join(
+                f"      {Path(f.filename).name}:{f.lineno} {f.name}\n" for f in here)
+            self.stacks[key] = self.stacks.get(key, 0) + 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.first:
+            self._show, warnings.showwarning = warnings.showwarning, self._record
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.last - 1:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self._show
+            print(f"host synchronisations in {self.last - self.first} steps: {sum(self.stacks.values())}")
+            for key, n in sorted(self.stacks.items(), key=lambda kv: -kv[1]):
+                print(f"  {n}x {key}")
+
+
 def kernel_kind(name: str) -> str:
     low = name.lower()
     if name.startswith("## "):  # a range annotation (a compiled graph's call), not a kernel
@@ -171,7 +213,8 @@ def bench_train(name: str, args: argparse.Namespace) -> dict:
     trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          max_epochs=1, limit_train_batches=args.steps + args.warmup, limit_val_batches=0,
-                         callbacks=[timer] + ([Profile(args.warmup)] if args.profile else []), benchmark=True)
+                         callbacks=[timer] + ([Profile(args.warmup)] if args.profile else [])
+                         + ([SyncDebug(args.warmup + 4)] if args.sync_debug else []), benchmark=True)
     trainer.fit(model, train_dataloaders=loader)
     times = timer.times[args.warmup:]
     step = statistics.median(times)
@@ -224,6 +267,7 @@ def main() -> None:
     p.add_argument("--no-guard", dest="guard", action="store_false",
                    help="max_nonfinite_steps=None: no non-finite-loss check (and its host sync) per step")
     p.add_argument("--profile", action="store_true", help="print a kernel-time breakdown of 3 steps per variant")
+    p.add_argument("--sync-debug", action="store_true", help="list the host synchronisations of 2 steps per variant")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/throughput.py needs a CUDA GPU")

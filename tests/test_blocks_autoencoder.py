@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from animevq.nn.autoencoder import Decoder, Encoder
-from animevq.nn.blocks import ResBlock, Upsample, norm_groups, upsample_conv3x3
+from animevq.nn.blocks import ResBlock, Upsample, group_norm, norm_groups, upsample_conv3x3
 
 
 @pytest.mark.parametrize(
@@ -119,3 +120,34 @@ def test_importing_nn_does_not_import_lightning() -> None:
 
     code = "import sys, animevq.nn; bad = {'lightning', 'swanlab'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_group_norm_matches_torch_and_keeps_channels_last_when_compiling(monkeypatch, compiling: bool) -> None:
+    ours = group_norm(32).double()
+    torch.nn.init.normal_(ours.weight), torch.nn.init.normal_(ours.bias)
+    reference = torch.nn.GroupNorm(ours.num_groups, 32, eps=ours.eps).double()
+    reference.load_state_dict(ours.state_dict())
+    assert isinstance(ours, torch.nn.GroupNorm) and set(ours.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 32, 8, 8, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g = torch.randn(2, 32, 8, 8, dtype=torch.float64)  # NCHW, as a traced ATen kernel hands it back
+    expected = reference(x2)
+    expected.backward(g)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    # ATen's CUDA kernel normalises input.contiguous(): NCHW output and input gradient.
+    like_cuda = lambda self, x: F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)  # noqa: E731
+    monkeypatch.setattr(torch.nn.GroupNorm, "forward", like_cuda)
+    seen: list[torch.Tensor] = []  # the gradient as the norm returns it (a leaf's .grad is restrided)
+    inp = x1.clone()
+    inp.register_hook(seen.append)
+    got = ours(inp)
+    got.backward(g)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+    if compiling:  # the layout both ways is channels_last, whatever the kernels return
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    else:  # eager: the kernel's own layouts, untouched
+        assert got.is_contiguous() and seen[0].is_contiguous()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from animevq.nn.quantizer import VectorQuantizerEMA, code_stats, nearest_code
+from animevq.nn.quantizer import VectorQuantizerEMA, code_counts, code_stats, nearest_code
 
 
 def brute_force_argmin(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -116,6 +116,15 @@ def test_perplexity_and_usage_on_hand_made_assignment() -> None:
     z = torch.stack([codes[0], codes[0], codes[3], codes[3]]).T.reshape(1, 2, 2, 2)
     out = vq(z)
     assert torch.isclose(out.perplexity, torch.tensor(2.0)) and out.code_usage_rate == 0.5
+
+
+def test_code_counts_match_bincount_including_unused_last_codes() -> None:
+    indices = torch.tensor([[0, 3, 3], [5, 0, 3]])
+    counts = code_counts(indices, 9)  # codes 6..8 never chosen: still counted as zeros
+    assert counts.dtype == torch.float32 and counts.shape == (9,)
+    assert torch.equal(counts, torch.bincount(indices.flatten(), minlength=9).float())
+    big = torch.randint(0, 1024, (4096,))
+    assert torch.equal(code_counts(big, 1024), torch.bincount(big, minlength=1024).float())
 
 
 def test_dead_codes_restart_from_batch_vectors() -> None:

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from animevq.lightning_module import VQVAEModel
-from animevq.nn.quantizer import nearest_code
+from animevq.nn.quantizer import VectorQuantizerEMA, nearest_code
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -51,3 +51,43 @@ def test_encode_decode_on_gpu_matches_cpu() -> None:
     gpu = model.cuda().encode(x.cuda()).cpu()
     assert (cpu == gpu).float().mean() > 0.95
     assert torch.allclose(model.decode(gpu.cuda()).cpu(), model.cpu().decode(gpu), atol=1e-3)
+
+
+def test_compiled_group_norm_keeps_channels_last_both_ways() -> None:
+    """Traced, ATen's CUDA group_norm fixes NCHW strides on its output; ours must keep
+    channels_last forward and backward, or Inductor and cuDNN add copies every step."""
+    from animevq.nn.blocks import group_norm
+
+    norm = group_norm(64).cuda()
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(4, 64, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    g = torch.randn(4, 64, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    eager = norm(x1)
+    eager.backward(g)
+    seen: list[torch.Tensor] = []  # the gradient as handed back (a leaf's .grad is restrided)
+    inp = x2.clone()
+    inp.register_hook(seen.append)
+    compiled = torch.compile(norm)(inp)
+    compiled.backward(g)
+    assert compiled.is_contiguous(memory_format=torch.channels_last)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_quantizer_training_step_never_waits_for_the_gpu() -> None:
+    """Counting, the EMA update and dead-code restarts all stay on the device: a host
+    sync per step would leave the GPU idle while Python waits."""
+    vq = VectorQuantizerEMA(1024, 16, dead_code_threshold=1.0).cuda().train()
+    z = torch.randn(8, 16, 16, 16, device="cuda")
+    vq(z)  # first batch: the one allowed read of the k-means/initialised flag
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            out = vq(z)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.z_q).all()
+    assert int(out.restarted) > 0  # restarts ran (1,024 codes, 2,048 vectors, threshold 1)

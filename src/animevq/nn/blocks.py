@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["norm_groups", "group_norm", "ResBlock", "Downsample", "Upsample", "upsample_conv3x3"]
+__all__ = ["norm_groups", "group_norm", "GroupNorm", "ResBlock", "Downsample", "Upsample", "upsample_conv3x3"]
 
 MAX_GROUPS = 32  # the usual GroupNorm setting (Wu & He 2018) for widths >= 32
 MIN_CHANNELS_PER_GROUP = 4  # fewer channels per group makes GroupNorm's statistics noisy
@@ -27,8 +27,42 @@ def norm_groups(channels: int, max_groups: int = MAX_GROUPS) -> int:
     return next(g for g in range(limit, 0, -1) if channels % g == 0)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(norm_groups(channels), channels, eps=GROUP_NORM_EPS, affine=True)
+class _ChannelsLastGrad(torch.autograd.Function):
+    """Identity whose backward passes the gradient on in channels_last layout."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and state dict) that, under ``torch.compile``,
+    keeps a channels_last input's layout in its output and its input gradient.
+
+    ATen's CUDA kernels normalise ``input.contiguous()``: traced, the norm's output and
+    input gradient carry NCHW strides. Inductor then writes the SiLU output twice (NCHW to
+    save for backward, channels_last for the next conv) and cuDNN copies both the saved
+    NCHW input and the NCHW gradient back to channels_last in every backward — 37 copy
+    kernels, 8.3 ms of a 70 ms VQ-VAE step on an H100. Asking for channels_last on both
+    sides lets Inductor write them so in the kernels it generates anyway. Eager mode runs
+    ATen's kernels untouched.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.compiler.is_compiling() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        if not keep:
+            return super().forward(x)
+        if x.requires_grad:
+            x = _ChannelsLastGrad.apply(x)
+        return super().forward(x).contiguous(memory_format=torch.channels_last)
+
+
+def group_norm(channels: int) -> GroupNorm:
+    return GroupNorm(norm_groups(channels), channels, eps=GROUP_NORM_EPS, affine=True)
 
 
 class ResBlock(nn.Module):
@@ -90,8 +124,12 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     N, _, H, W = x.shape
     C = weight.shape[0]
-    y = nn.functional.conv2d(x, phase_weights(weight), padding=1)  # (N, 4C, H+1, W+1)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    kernel = phase_weights(weight)
+    if channels_last:  # as the input, or cuDNN converts the kernel each call
+        kernel = kernel.contiguous(memory_format=torch.channels_last)
+    y = nn.functional.conv2d(x, kernel, padding=1)  # (N, 4C, H+1, W+1)
+    if channels_last:
         y = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, C))  # (N, H+1, W+1, a, b, C): a view
         rows = [torch.stack([y[:, a : a + H, b : b + W, a, b] for b in (0, 1)], dim=3) for a in (0, 1)]
         out = torch.stack(rows, dim=2).reshape(N, 2 * H, 2 * W, C).permute(0, 3, 1, 2)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantizerOutput", "VectorQuantizerEMA", "nearest_code", "code_stats"]
+__all__ = ["QuantizerOutput", "VectorQuantizerEMA", "nearest_code", "code_counts", "code_stats"]
 
 DISTANCE_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of float32 distances per chunk, any K
 LAPLACE_EPS = 1e-5  # VQ-VAE's EMA smoothing ε; survives float32 sums of K=65,536 codes
@@ -71,6 +71,15 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk_elements: int = 
             dist_ = torch.addmm(e_sq.unsqueeze(0), chunk, e.t(), beta=1.0, alpha=-2.0)  # (n,K)
             out[start : start + rows] = dist_.argmin(dim=1)
         return out
+
+
+def code_counts(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+    """(K,) float32 histogram of code indices. Unlike ``torch.bincount``, which reads the
+    largest index back to the host on CUDA, this never waits for the GPU; float32 holds
+    every count exactly up to 2**24 vectors per batch."""
+    flat = indices.reshape(-1)
+    ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
+    return torch.zeros(num_embeddings, dtype=torch.float32, device=flat.device).scatter_add_(0, flat, ones)
 
 
 def code_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +200,7 @@ class VectorQuantizerEMA(nn.Module):
                     self._kmeans_init(flat.detach())
                 self._kmeans_checked = True
             indices = nearest_code(flat.detach(), self.embedding)  # (N,)
-            counts = torch.bincount(indices, minlength=self.num_embeddings).float()  # (K,)
+            counts = code_counts(indices, self.num_embeddings)  # (K,)
             z_q = F.embedding(indices, self.embedding).view_as(z)  # (B,h,w,D), pre-update codes
             restarted = torch.zeros((), dtype=torch.long, device=z.device)
             if ema:
