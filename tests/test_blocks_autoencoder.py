@@ -151,3 +151,27 @@ def test_group_norm_matches_torch_and_keeps_channels_last_when_compiling(monkeyp
         assert seen[0].is_contiguous(memory_format=torch.channels_last)
     else:  # eager: the kernel's own layouts, untouched
         assert got.is_contiguous() and seen[0].is_contiguous()
+
+
+def test_decoder_stages_compile_to_one_graph() -> None:
+    """VQ-GAN compiles the decoder's stages alone. As a plain nn.Sequential (torch 2.11)
+    that became one graph per block, re-compiled per resolution; it must be one graph."""
+    import torch._dynamo
+
+    graphs: list[int] = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    decoder = Decoder(channels=(16, 16, 8), num_res_blocks=1, latent_channels=8)
+    eager = Decoder(channels=(16, 16, 8), num_res_blocks=1, latent_channels=8)
+    eager.load_state_dict(decoder.state_dict())  # same keys as before: nn.Sequential numbering
+    assert isinstance(decoder.stages, torch.nn.Sequential)
+    decoder.stages.compile(backend=counting_backend)
+    z = torch.randn(2, 8, 4, 4)
+    out = decoder(z)
+    out.sum().backward()
+    assert len(graphs) == 1
+    torch.testing.assert_close(out, eager(z))

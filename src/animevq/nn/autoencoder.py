@@ -10,7 +10,22 @@ from torch import nn
 
 from .blocks import Downsample, ResBlock, Upsample
 
-__all__ = ["Encoder", "Decoder"]
+__all__ = ["Encoder", "Decoder", "Chain"]
+
+
+class Chain(nn.Sequential):
+    """``nn.Sequential`` (same state-dict keys) whose ``forward`` is our own code.
+
+    Compiled on its own — VQ-GAN compiles the decoder's stages without its head — a plain
+    ``nn.Sequential`` is, on torch <= 2.11, a frame Dynamo does not trace: each block is
+    compiled as a separate graph instead (re-compiled with dynamic shapes per resolution),
+    with no fusion across blocks and NCHW copies at every boundary. This forward is one graph.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self:
+            x = module(x)
+        return x
 
 HEAD_CHANNELS = 64  # seed: "Conv 3×3 → 64 → ReLU → Conv 3×3 → 3 → Tanh"
 
@@ -41,7 +56,7 @@ class Encoder(nn.Module):
             blocks = [Downsample(width, out)] + [ResBlock(out) for _ in range(num_res_blocks)]
             stages.append(nn.Sequential(*blocks))
             width = out
-        self.stages = nn.Sequential(*stages)
+        self.stages = Chain(*stages)
         self.head = nn.Conv2d(width, latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +93,7 @@ class Decoder(nn.Module):
             blocks.append(Upsample(width, out))
             stages.append(nn.Sequential(*blocks))
             width = out
-        self.stages = nn.Sequential(*stages)
+        self.stages = Chain(*stages)
         self.head = nn.Sequential(
             nn.Conv2d(width, head_channels, 3, padding=1),
             nn.ReLU(),
