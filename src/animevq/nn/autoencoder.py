@@ -12,12 +12,14 @@ from .blocks import Downsample, ResBlock, Upsample
 
 __all__ = ["Encoder", "Decoder", "Chain"]
 
+HEAD_CHANNELS = 64  # seed: "Conv 3×3 → 64 → ReLU → Conv 3×3 → 3 → Tanh"
+
 
 class Chain(nn.Sequential):
     """``nn.Sequential`` (same state-dict keys) whose ``forward`` is our own code.
 
     Compiled on its own — VQ-GAN compiles the decoder's stages without its head — a plain
-    ``nn.Sequential`` is, on torch <= 2.11, a frame Dynamo does not trace: each block is
+    ``nn.Sequential`` is, on torch 2.11 (not 2.14), a frame Dynamo does not trace: each block is
     compiled as a separate graph instead (re-compiled with dynamic shapes per resolution),
     with no fusion across blocks and NCHW copies at every boundary. This forward is one graph.
     """
@@ -26,8 +28,6 @@ class Chain(nn.Sequential):
         for module in self:
             x = module(x)
         return x
-
-HEAD_CHANNELS = 64  # seed: "Conv 3×3 → 64 → ReLU → Conv 3×3 → 3 → Tanh"
 
 
 class Encoder(nn.Module):

@@ -311,7 +311,7 @@ class VectorQuantizerEMA(nn.Module):
         codes = self._kmeans_pp_seeds(pool)
         for _ in range(self.kmeans_iters):
             assign = nearest_code(pool, codes)
-            n = torch.bincount(assign, minlength=self.num_embeddings).float()
+            n = code_counts(assign, self.num_embeddings)
             s = torch.zeros_like(codes).index_add_(0, assign, pool)
             used = n > 0
             codes[used] = s[used] / n[used].unsqueeze(1)
