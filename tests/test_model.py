@@ -155,3 +155,27 @@ def test_seed_self_test_script_passes() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout and "checks passed" in result.stdout
     assert "randomly" in result.stdout  # says it uses random LPIPS weights
+
+
+def test_progress_bar_loss_is_logged_as_a_host_tensor(tiny_kwargs, tmp_path, monkeypatch) -> None:
+    """Lightning keeps a logged value on its tensor's device and reads the progress bar's
+    values back after every batch: the loss must be a host tensor, or a GPU run waits for
+    the GPU once per step."""
+    import lightning.pytorch as pl
+
+    model = VQVAEModel(**tiny_kwargs, log_every_n_steps=1)
+    logged: dict[str, object] = {}
+    real_log = model.log
+
+    def log(name, value, **kwargs):
+        logged[name] = value
+        real_log(name, value, **kwargs)
+
+    monkeypatch.setattr(model, "log", log)
+    data = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(2)]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_epochs=1, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    value = logged["train/total_loss"]
+    assert isinstance(value, torch.Tensor) and value.device.type == "cpu"
+    assert trainer.progress_bar_metrics["train/total_loss"] == pytest.approx(float(value))

@@ -346,7 +346,10 @@ class VQVAEModel(AdversarialMixin, NonFiniteGuardMixin, pl.LightningModule):
         if self._time_at_log is not None and now > self._time_at_log:
             metrics["train/images_per_sec"] = (images - self._images_seen_at_log) / (now - self._time_at_log)
         self._time_at_log, self._images_seen_at_log = now, images
-        self.log("train/total_loss", metrics["train/total_loss"], prog_bar=True, logger=False, batch_size=batch_size)
+        # A host tensor: Lightning keeps a logged value on its tensor's device and reads the
+        # progress bar's values back after every batch — from the GPU, a host sync per step.
+        total = torch.tensor(metrics["train/total_loss"])
+        self.log("train/total_loss", total, prog_bar=True, logger=False, batch_size=batch_size)
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=self.batches_seen)
