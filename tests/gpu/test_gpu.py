@@ -81,7 +81,7 @@ def test_quantizer_training_step_never_waits_for_the_gpu() -> None:
     sync per step would leave the GPU idle while Python waits."""
     vq = VectorQuantizerEMA(1024, 16, dead_code_threshold=1.0).cuda().train()
     z = torch.randn(8, 16, 16, 16, device="cuda")
-    vq(z)  # first batch: the one allowed read of the k-means/initialised flag
+    vq(z)  # warm-up (with kmeans_init the first batch may read one flag back)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
