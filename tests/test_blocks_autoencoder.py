@@ -74,6 +74,20 @@ def test_upsample_module_keeps_the_3x3_parameter_and_both_forms_agree() -> None:
                                rtol=1e-5, atol=1e-5)
 
 
+def test_phase_conv_under_autocast_keeps_the_literal_forms_dtype() -> None:
+    # conv2d adds its bias in the autocast dtype; a float32 bias added after the phase conv
+    # would turn the output (and the decoder's residual stream after it) into float32.
+    torch.manual_seed(0)
+    fast = Upsample(8, 4)
+    literal = Upsample(8, 4, phase_conv=False)
+    literal.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 8, 5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_fast, y_literal = fast(x), literal(x)
+    assert y_literal.dtype == torch.bfloat16 and y_fast.dtype == y_literal.dtype
+    torch.testing.assert_close(y_fast.float(), y_literal.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_encoder_decoder_shapes_seed_architecture_at_small_width() -> None:
     enc = Encoder(3, (8, 16, 16, 16), 1, 12, stem_channels=8)
     dec = Decoder(3, (16, 16, 16, 8), 1, 12)

@@ -137,7 +137,9 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         y = y.unflatten(1, (2, 2, C))  # (N, a, b, C, H+1, W+1)
         rows = [torch.stack([y[:, a, b, :, a : a + H, b : b + W] for b in (0, 1)], dim=-1) for a in (0, 1)]
         out = torch.stack(rows, dim=3).reshape(N, C, 2 * H, 2 * W)
-    return out if bias is None else out + bias.view(1, C, 1, 1)
+    # The bias in the conv's dtype, as conv2d adds it: under bf16 autocast a float32 bias
+    # would promote the output, and with it the decoder's residual stream, to float32.
+    return out if bias is None else out + bias.to(out.dtype).view(1, C, 1, 1)
 
 
 class Upsample(nn.Module):
