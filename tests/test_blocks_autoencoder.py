@@ -88,6 +88,44 @@ def test_phase_conv_under_autocast_keeps_the_literal_forms_dtype() -> None:
     torch.testing.assert_close(y_fast.float(), y_literal.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_channels_last_copy_op_is_a_registered_channels_last_copy() -> None:
+    x = torch.randn(2, 6, 5, 4)
+    torch.library.opcheck(torch.ops.animevq.channels_last_copy.default, (x,))
+    y = torch.ops.animevq.channels_last_copy(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, x)
+    assert y.data_ptr() != x.data_ptr()
+
+
+def test_compiled_decoder_realigns_gradients_and_matches_eager() -> None:
+    # Every upsampling followed by a ResBlock copies its output gradient into channels_last
+    # (an op Inductor keeps); the last, followed by the head's conv, does not need to.
+    import torch._dynamo
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    decoder = Decoder(channels=(16, 16, 8), num_res_blocks=1, latent_channels=8)
+    assert [stage[-1].realign_grad for stage in decoder.stages] == [True, True, False]
+    decoder = decoder.to(memory_format=torch.channels_last)
+    backward_ops: list[str] = []
+
+    def backward_compiler(gm, example_inputs):
+        backward_ops.extend(str(node.target) for node in gm.graph.nodes)
+        return make_boxed_func(gm.forward)
+
+    compiled = torch.compile(decoder, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                                                           bw_compiler=backward_compiler))
+    z = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for fn in (decoder, compiled):
+        decoder.zero_grad()
+        fn(z).square().mean().backward()
+        grads.append([p.grad.clone() for p in decoder.parameters()])
+    assert sum("animevq.channels_last_copy" in op for op in backward_ops) == 2
+    for eager, comp in zip(*grads):
+        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+
+
 def test_encoder_decoder_shapes_seed_architecture_at_small_width() -> None:
     enc = Encoder(3, (8, 16, 16, 16), 1, 12, stem_channels=8)
     dec = Decoder(3, (16, 16, 16, 8), 1, 12)

@@ -88,9 +88,9 @@ class Decoder(nn.Module):
         width = channels[0]
         self.stem = nn.Conv2d(latent_channels, width, 3, padding=1)
         stages: list[nn.Module] = []
-        for out in channels:
+        for i, out in enumerate(channels):
             blocks: list[nn.Module] = [ResBlock(width) for _ in range(num_res_blocks)]
-            blocks.append(Upsample(width, out))
+            blocks.append(Upsample(width, out, realign_grad=i + 1 < len(channels)))  # ResBlocks follow
             stages.append(nn.Sequential(*blocks))
             width = out
         self.stages = Chain(*stages)
