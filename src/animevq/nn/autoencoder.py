@@ -90,7 +90,8 @@ class Decoder(nn.Module):
         stages: list[nn.Module] = []
         for i, out in enumerate(channels):
             blocks: list[nn.Module] = [ResBlock(width) for _ in range(num_res_blocks)]
-            blocks.append(Upsample(width, out, realign_grad=i + 1 < len(channels)))  # ResBlocks follow
+            # The next stage's ResBlocks follow every upsampling but the last (the head's conv).
+            blocks.append(Upsample(width, out, realign_grad=i + 1 < len(channels)))
             stages.append(nn.Sequential(*blocks))
             width = out
         self.stages = Chain(*stages)
