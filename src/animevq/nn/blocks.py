@@ -51,14 +51,10 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
-class _RealignedGrad(torch.autograd.Function):
-    """Identity whose backward copies the gradient into channels_last through
-    ``_channels_last_copy``, where ``_ChannelsLastGrad``'s ``contiguous`` is a no-op when
-    traced and Inductor may still lay the gradient out NCHW."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+class _RealignedGrad(_ChannelsLastGrad):
+    """``_ChannelsLastGrad`` whose backward copies through ``_channels_last_copy``: where the
+    traced gradient already has channels_last strides, ``contiguous`` is a no-op and
+    Inductor may still lay the gradient out NCHW."""
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
