@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from animevq.checkpoint import CheckpointError
-from animevq.metrics import FIDWeightsMissing, ReconstructionFID, foreground_mask, masked_psnr, psnr, ssim
+from animevq.metrics import (
+    FIDWeightsMissing,
+    ReconstructionFID,
+    background_cells,
+    foreground_mask,
+    masked_psnr,
+    psnr,
+    ssim,
+)
 
 
 def test_psnr_of_a_constant_offset() -> None:
@@ -82,6 +90,26 @@ def test_masked_psnr_is_nan_without_a_flat_background() -> None:
     noise = torch.rand(2, 3, 32, 32)  # no border colour dominates
     values = masked_psnr(noise, noise.flip(0))
     assert values.isnan().all()
+
+
+def test_background_cells_are_the_cells_without_any_drawing() -> None:
+    # 8-px cells on the 32×32 page: the square (rows 8:16, cols 12:20) touches cells (1,1) and (1,2).
+    cells = background_cells(_page(tolerance_noise=2 / 255), (4, 4))
+    expected = torch.ones(1, 4, 4, dtype=torch.bool)
+    expected[0, 1, 1:3] = False
+    assert torch.equal(cells, expected)
+    # 16-px cells: the square lies in the top two.
+    assert background_cells(_page(), (2, 2)).tolist() == [[[False, False], [True, True]]]
+
+
+def test_images_without_a_flat_background_have_no_background_cells() -> None:
+    noise = torch.rand(2, 3, 32, 32)
+    assert not background_cells(noise, (4, 4)).any()
+
+
+def test_background_cells_need_a_grid_that_tiles_the_image() -> None:
+    with pytest.raises(ValueError, match="3×3 code grid does not tile 32×32"):
+        background_cells(_page(), (3, 3))
 
 
 def _random_inception_file(folder: Path) -> Path:

@@ -316,6 +316,9 @@ def test_evaluate_reports_per_image_means(model: VQVAEModel, images: Path, tmp_p
     assert report["perplexity"] == pytest.approx(perplexity.item(), rel=1e-5)
     assert report["code_usage_rate"] == pytest.approx(usage.item())
     assert report["codes_used"] == int((counts > 0).sum())
+    # every drawing reaches into all four 16-px cells: no background cell, foreground = all
+    assert report["background_cell_fraction"] == 0.0 and report["background_codes_used"] == 0
+    assert report["foreground_perplexity"] == pytest.approx(report["perplexity"], rel=1e-12)
     reference = ReconstructionFID(feature=_MeanColour())
     reference.update(x01, rec01)
     assert report["rfid"] == pytest.approx(reference.compute(), rel=1e-4)
@@ -324,6 +327,26 @@ def test_evaluate_reports_per_image_means(model: VQVAEModel, images: Path, tmp_p
     samples = np.array(Image.open(tmp_path / "eval" / "samples.png"))
     assert samples.shape == (2 * SIZE + 3 * 2, 5 * SIZE + 6 * 2, 3)  # 2 rows × 5 images, 2 px padding
     assert Image.open(tmp_path / "eval" / "code_usage.png").size == (512, 256)
+
+
+def test_code_tally_splits_drawing_from_background_cells() -> None:
+    page = torch.ones(1, 3, 32, 32)
+    page[:, :, 2:10, 3:12] = 0.3  # a drawing in the top-left 16-px cell only
+    noise = torch.rand(1, 3, 32, 32)  # no flat background: every cell counts as drawing
+    tally = evaluate.CodeTally(8)
+    tally.update(torch.tensor([[[3, 0], [0, 0]]]), page)
+    tally.update(torch.tensor([[[1, 2], [3, 3]]]), noise)
+    report = tally.report()
+    def perplexity(counts: list[float]) -> float:
+        p = np.array(counts) / sum(counts)
+        return float(np.exp(-(p * np.log(p)).sum()))
+    # foreground cells: codes 3, 1, 2, 3, 3; background: code 0 three times
+    assert report["foreground_perplexity"] == pytest.approx(perplexity([3, 1, 1]))
+    assert report["foreground_code_usage_rate"] == 3 / 8
+    assert report["perplexity"] == pytest.approx(perplexity([3, 1, 1, 3]))
+    assert report["code_usage_rate"] == 4 / 8 and report["codes_used"] == 4
+    assert report["background_cell_fraction"] == 3 / 8
+    assert report["background_codes_used"] == 1
 
 
 def test_evaluate_without_weights(ckpt: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -5,7 +5,7 @@
 Every image is resized (short side) and centre-cropped to ``image_size``, reconstructed,
 and scored per image in [0,1]: PSNR, SSIM, LPIPS (when VGG16 weights are available),
 PSNR on the foreground of flat-background images; over the whole set: rFID, code usage
-and perplexity. Writes ``report.json``, ``samples.png`` (originals above reconstructions)
+and perplexity, also over the cells that show some drawing only (``CodeTally``). Writes ``report.json``, ``samples.png`` (originals above reconstructions)
 and ``code_usage.png``.
 """
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from . import metrics
 from .checkpoint import load_model, weights_sha256
-from .nn.quantizer import code_stats
+from .nn.quantizer import code_counts, code_stats
 from .tokenize import grid_size
 from .toolio import (
     add_common_arguments,
@@ -41,7 +41,7 @@ from .toolio import (
     resolve_precision,
 )
 
-__all__ = ["REPORT_NAME", "evaluate", "main"]
+__all__ = ["REPORT_NAME", "CodeTally", "evaluate", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,46 @@ NUM_SAMPLES = 8  # columns of samples.png
 # Below this many images the 2048×2048 feature covariance is rank-deficient and rFID is
 # strongly biased upwards: numbers are comparable only between runs of equal size.
 FID_RELIABLE_IMAGES = 2048
+
+
+class CodeTally:
+    """Code histograms of a whole set, split by what each code's cell shows.
+
+    On white-page illustrations, flat background fills a large share of the code grid
+    and rightly maps to a handful of codes; that alone caps the perplexity of the whole
+    histogram far below K. The foreground figures count only cells that show some of
+    the drawing (``metrics.background_cells``): that is where the codebook's spread
+    matters. Images without a flat background count as all foreground.
+    """
+
+    def __init__(self, num_embeddings: int) -> None:
+        self.all = torch.zeros(num_embeddings, dtype=torch.float64)
+        self.foreground = torch.zeros(num_embeddings, dtype=torch.float64)
+        self.background = torch.zeros(num_embeddings, dtype=torch.float64)
+
+    def update(self, indices: torch.Tensor, images01: torch.Tensor) -> None:
+        """Add (B,h,w) codes of (B,C,H,W) images in [0,1]."""
+        k = self.all.numel()
+        background = metrics.background_cells(images01, tuple(indices.shape[-2:])).to(indices.device)
+        self.all += code_counts(indices, k).double().cpu()
+        self.foreground += code_counts(indices[~background], k).double().cpu()
+        self.background += code_counts(indices[background], k).double().cpu()
+
+    def report(self) -> dict[str, Any]:
+        """Usage and perplexity of all cells and of foreground cells; the background's share."""
+        perplexity, usage = code_stats(self.all)
+        fg_perplexity, fg_usage = code_stats(self.foreground)
+        cells = float(self.all.sum())
+        return {
+            "perplexity": float(perplexity),
+            "code_usage_rate": float(usage),
+            "codes_used": int((self.all > 0).sum()),
+            "num_embeddings": int(self.all.numel()),
+            "foreground_perplexity": float(fg_perplexity),
+            "foreground_code_usage_rate": float(fg_usage),
+            "background_cell_fraction": float(self.background.sum()) / cells if cells else 0.0,
+            "background_codes_used": int((self.background > 0).sum()),
+        }
 
 
 def _lpips_metric(model: nn.Module, vgg_weights: str | None, notes: list[str]) -> nn.Module | None:
@@ -123,7 +163,7 @@ def evaluate(
         lpips = lpips.to(device).eval()
 
     scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "lpips": [], "masked_psnr": []}
-    counts = torch.zeros(model.quantizer.num_embeddings, dtype=torch.float64)
+    tally = CodeTally(model.quantizer.num_embeddings)
     skipped: list[dict[str, str]] = []
     samples: list[tuple[torch.Tensor, torch.Tensor]] = []
     with progress_bar(len(files), "evaluate", progress) as bar:
@@ -137,8 +177,8 @@ def evaluate(
             with autocast(device, precision):
                 q = model.quantize(x)  # eval mode: no codebook update
                 x_rec = model.decoder(model.post_quant_conv(q.z_q)).float().clamp(-1, 1)
-            counts += q.counts.double().cpu()
             x01, rec01 = (x + 1) / 2, (x_rec + 1) / 2
+            tally.update(q.indices, x01)
             scores["psnr"].append(metrics.psnr(x01, rec01).cpu())
             scores["ssim"].append(metrics.ssim(x01, rec01).cpu())
             scores["masked_psnr"].append(metrics.masked_psnr(x01, rec01).cpu())
@@ -153,7 +193,6 @@ def evaluate(
         reasons = Counter(s["reason"] for s in skipped)
         detail = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
         raise ValueError(f"none of the {len(files)} image files under {root} could be decoded ({detail})")
-    perplexity, usage = code_stats(counts)
     flat = int(sum((~t.isnan()).sum() for t in scores["masked_psnr"]))
     report: dict[str, Any] = {
         "data_dir": str(root),
@@ -166,10 +205,7 @@ def evaluate(
         "masked_psnr": _mean(scores["masked_psnr"]),
         "masked_psnr_images": flat,  # images with a flat background (masked PSNR defined)
         "rfid": None,
-        "perplexity": float(perplexity),
-        "code_usage_rate": float(usage),
-        "codes_used": int((counts > 0).sum()),
-        "num_embeddings": int(counts.numel()),
+        **tally.report(),
         "skipped": skipped,
         "notes": notes,
     }
@@ -181,7 +217,7 @@ def evaluate(
         else:
             notes.append("rFID skipped: needs at least 2 images")
     if out is not None:
-        _write_outputs(out, report, samples, counts)
+        _write_outputs(out, report, samples, tally.all)
     return report
 
 

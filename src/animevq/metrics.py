@@ -20,6 +20,7 @@ __all__ = [
     "FID_WEIGHTS_FILE",
     "FIDWeightsMissing",
     "ReconstructionFID",
+    "background_cells",
     "foreground_mask",
     "masked_psnr",
     "psnr",
@@ -88,6 +89,22 @@ def foreground_mask(x: Tensor, *, tolerance: float = DEFAULT_TOLERANCE,
     share = near.float().mean(dim=1)  # (B,)
     mask = (x - colour.view(b, c, 1, 1)).abs().amax(dim=1) > tolerance  # (B,H,W)
     return mask, share >= min_border_share
+
+
+def background_cells(x: Tensor, grid: tuple[int, int], *, tolerance: float = DEFAULT_TOLERANCE,
+                     min_border_share: float = DEFAULT_MIN_BORDER_SHARE) -> Tensor:
+    """Latent cells whose pixels are all flat background: (B,C,H,W) in [0,1] → (B,h,w) bool.
+
+    A cell is the (H/h)×(W/w) patch one code stands for on an h×w code grid. Images
+    without a flat background (see ``foreground_mask``) have no background cells.
+    """
+    b, _, height, width = x.shape
+    h, w = grid
+    if h < 1 or w < 1 or height % h or width % w:
+        raise ValueError(f"a {h}×{w} code grid does not tile {height}×{width} images")
+    mask, flat = foreground_mask(x, tolerance=tolerance, min_border_share=min_border_share)
+    drawn = mask.view(b, h, height // h, w, width // w).any(dim=4).any(dim=2)  # (B,h,w)
+    return ~drawn & flat.view(b, 1, 1)
 
 
 def masked_psnr(x: Tensor, y: Tensor, *, tolerance: float = DEFAULT_TOLERANCE,
