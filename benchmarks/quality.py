@@ -3,16 +3,20 @@
     python benchmarks/quality.py DATA_DIR --steps 2000 --out results/ --name restart-on
     python benchmarks/quality.py DATA_DIR --steps 2000 --no-restart --name restart-off
     python benchmarks/quality.py DATA_DIR --steps 5000 --gan --disc_start 2500 --name vqgan
+    python benchmarks/quality.py DATA_DIR --set dead_code_threshold=0.5 --name threshold-0.5
 
 Trains ``VQVAEModel`` (the seed's defaults at 256×256, batch 32, bf16-mixed) with a CSV
 logger and prints, at each validation, the validation reconstruction loss and the code usage
-and perplexity over the whole validation set, and the windowed training usage.
+and perplexity over the whole validation set, and the windowed training usage. At the end,
+the validation codes are split by what their cells show (``animevq.evaluate.CodeTally``):
+perplexity over cells with some drawing, and the share of flat-background cells.
 LPIPS is off unless ``--lpips_vgg_weights`` is given (a random VGG is not perceptual).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import sys
@@ -26,6 +30,7 @@ import torch  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from animevq.data import AnimeDataModule  # noqa: E402
+from animevq.evaluate import CodeTally  # noqa: E402
 from animevq.lightning_module import VQVAEModel  # noqa: E402
 
 
@@ -59,6 +64,18 @@ class Sharpness(pl.Callback):
         self.rows.append((pl_module.batches_seen, ratio))
 
 
+@torch.no_grad()
+def tally_codes(model: VQVAEModel, loader, device: torch.device) -> dict[str, float]:
+    """Code histograms of the validation set, as validation computes its codes (bf16 on a GPU)."""
+    tally = CodeTally(model.quantizer.num_embeddings)
+    model = model.to(device).eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for batch in loader:
+            x = VQVAEModel.images_of(batch).to(device)
+            tally.update(model.quantize(x).indices, (x.float() + 1) / 2)
+    return tally.report()
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     with path.open() as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
@@ -84,9 +101,16 @@ def main() -> None:
     p.add_argument("--accelerator", default="gpu", help="cpu for a smoke run")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--seed", type=int, default=0, help="initial weights (the split and batch order stay fixed)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other VQVAEModel argument, a Python literal (repeatable)")
     a = p.parse_args()
+    overrides = {}
+    for item in a.set:
+        name, _, value = item.partition("=")
+        overrides[name] = ast.literal_eval(value)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    pl.seed_everything(0)
+    pl.seed_everything(a.seed)
     lpips = a.lpips_vgg_weights is not None
     model = VQVAEModel(
         use_lpips=lpips, lambda_perc=0.5 if lpips else 0.0, lpips_vgg_weights=a.lpips_vgg_weights,
@@ -94,6 +118,7 @@ def main() -> None:
         warmup_steps=200, compile=a.compile,
         **(dict(lambda_gan=a.lambda_gan, disc_start=a.disc_start, disc_ramp_steps=a.disc_ramp_steps,
                 disc_norm="group", betas=(0.5, 0.9), grad_clip_norm=1.0) if a.gan else {}),
+        **overrides,
     )
     data = AnimeDataModule(a.data_dir, batch_size=a.batch_size, val_split=0.05, image_size=a.image_size,
                            num_workers=a.workers)
@@ -124,7 +149,11 @@ def main() -> None:
         last = train[-1]
         print(f"train (last {model.hparams.usage_window} batches): usage {last['train/code_usage_rate']:.3f}, "
               f"perplexity {last['train/perplexity']:.1f}")
-    summary = {"name": a.name, "batches": model.batches_seen, "seconds": seconds, "val": val,
+    device = torch.device("cuda" if a.accelerator == "gpu" else "cpu")
+    codes = tally_codes(model, data.val_dataloader(), device)
+    print("validation codes: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in codes.items()))
+    summary = {"name": a.name, "batches": model.batches_seen, "seconds": seconds, "val": val, "codes": codes,
                "sharpness": sharpness.rows,
                "train_usage": [(r["step"], r["train/code_usage_rate"], r["train/perplexity"]) for r in train]}
     (a.out / f"{a.name}.json").write_text(json.dumps(summary))
