@@ -37,16 +37,16 @@ def batches(collapse: bool) -> list[torch.Tensor]:
     return out
 
 
-def make_quantizer() -> VectorQuantizerEMA:
+def make_quantizer(sampling: str = "error") -> VectorQuantizerEMA:
     torch.manual_seed(3)
-    return VectorQuantizerEMA(K, D, decay=0.8, dead_code_threshold=0.5).train()
+    return VectorQuantizerEMA(K, D, decay=0.8, dead_code_threshold=0.5, restart_sampling=sampling).train()
 
 
-def worker(rank: int, port: int, collapse: bool, result_dir: str) -> None:
+def worker(rank: int, port: int, collapse: bool, result_dir: str, sampling: str = "error") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        vq = make_quantizer()
+        vq = make_quantizer(sampling)
         history = []
         for z in batches(collapse):
             local = z[2 * rank : 2 * rank + 2]
@@ -61,14 +61,14 @@ def worker(rank: int, port: int, collapse: bool, result_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path: Path, collapse: bool) -> torch.Tensor:
-    mp.start_processes(worker, args=(free_port(), collapse, str(tmp_path)), nprocs=WORLD, join=True,
+def run_ranks(tmp_path: Path, collapse: bool, sampling: str = "error") -> torch.Tensor:
+    mp.start_processes(worker, args=(free_port(), collapse, str(tmp_path), sampling), nprocs=WORLD, join=True,
                        start_method="spawn")
     return torch.load(tmp_path / "rank0.pt")
 
 
-def single_process(collapse: bool) -> torch.Tensor:
-    vq = make_quantizer()
+def single_process(collapse: bool, sampling: str = "error") -> torch.Tensor:
+    vq = make_quantizer(sampling)
     history = []
     for z in batches(collapse):
         vq(z)
@@ -77,10 +77,10 @@ def single_process(collapse: bool) -> torch.Tensor:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("collapse", [False, True])
-def test_ranks_identical_and_equal_to_one_process_on_the_global_batch(tmp_path, collapse: bool) -> None:
-    distributed = run_ranks(tmp_path, collapse)
-    reference = single_process(collapse)
+@pytest.mark.parametrize(("collapse", "sampling"), [(False, "error"), (True, "error"), (False, "uniform")])
+def test_ranks_identical_and_equal_to_one_process_on_the_global_batch(tmp_path, collapse: bool, sampling: str) -> None:
+    distributed = run_ranks(tmp_path, collapse, sampling)
+    reference = single_process(collapse, sampling)
     assert torch.allclose(distributed, reference, atol=1e-6, rtol=1e-6)
 
 

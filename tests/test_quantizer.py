@@ -144,6 +144,45 @@ def test_dead_codes_restart_from_batch_vectors() -> None:
     assert torch.isfinite(out.z_q).all()
 
 
+def outliers_batch() -> torch.Tensor:
+    """(1,2,1010,1): 1,000 vectors at the origin, which code 0 fits, and 10 far outliers."""
+    z = torch.zeros(1010, 2)
+    z[1000:] = torch.randn(10, 2, generator=torch.Generator().manual_seed(0)) + 20.0
+    return z.T.reshape(1, 2, 1010, 1).contiguous()
+
+
+@pytest.mark.parametrize("sampling", ["error", "uniform"])
+def test_restarts_go_where_the_codebook_fits_worst_only_with_error_sampling(sampling: str) -> None:
+    vq = VectorQuantizerEMA(16, 2, decay=0.5, dead_code_threshold=0.9, restart_sampling=sampling)
+    vq.embedding.zero_()
+    vq.embed_sum.zero_()
+    restarted = int(vq(outliers_batch()).restarted)
+    on_outliers = int((vq.codebook.norm(dim=1) > 10).sum())
+    assert restarted == 15  # every code but the one the batch used
+    if sampling == "error":
+        assert on_outliers >= restarted  # all of them; code 0's mean may move out too
+    else:
+        assert on_outliers <= 3  # 1 % of the vectors: uniform draws rarely land there
+
+
+def test_error_sampling_draws_by_squared_distance_and_falls_back_to_uniform() -> None:
+    vq = VectorQuantizerEMA(4, 2, restart_sampling="error")
+    indices = torch.tensor([0, 1, 2, 3, 0, 1])
+    flat = vq.codebook[indices].clone()
+    spread = vq._draw_rows(flat, indices, 200)  # no vector is off its code: uniform rows
+    assert spread.min() >= 0 and spread.max() < 6 and torch.unique(spread).numel() == 6
+    flat[4] += 1.0  # one vector off its code: it carries all the weight
+    assert torch.equal(vq._draw_rows(flat, indices, 200), torch.full((200,), 4))
+    flat[1] += 3.0  # 9 : 1 weights
+    share = (vq._draw_rows(flat, indices, 2000) == 1).float().mean()
+    assert 0.85 < share < 0.95
+
+
+def test_unknown_restart_sampling_is_rejected() -> None:
+    with pytest.raises(ValueError, match="restart_sampling must be one of"):
+        VectorQuantizerEMA(8, 2, restart_sampling="random")
+
+
 def test_bad_shapes_and_indices_are_rejected() -> None:
     vq = VectorQuantizerEMA(8, 4)
     with pytest.raises(ValueError, match=r"\(B,4,h,w\)"):

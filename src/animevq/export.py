@@ -139,6 +139,7 @@ class Tokenizer(nn.Module):
             kw.get("decay", 0.99),
             restart_dead_codes=kw.get("restart_dead_codes", True),
             dead_code_threshold=kw.get("dead_code_threshold", 0.125),
+            restart_sampling=kw.get("restart_sampling", "error"),
             kmeans_init=kw.get("kmeans_init", False),
             l2_normalize=kw.get("l2_normalize_codes", False),
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -103,6 +103,7 @@ class VQVAEModel(AdversarialMixin, NonFiniteGuardMixin, pl.LightningModule):
         lpips_random_init: bool = False,  # tests and smoke runs only: a random VGG
         restart_dead_codes: bool = True,
         dead_code_threshold: float = 0.125,
+        restart_sampling: Literal["error", "uniform"] = "error",  # how restart vectors are drawn (quantizer docs)
         kmeans_init: bool = False,
         l2_normalize_codes: bool = False,
         usage_window: int = 100,  # batches behind train/code_usage_rate
@@ -148,6 +149,7 @@ class VQVAEModel(AdversarialMixin, NonFiniteGuardMixin, pl.LightningModule):
             decay,
             restart_dead_codes=restart_dead_codes,
             dead_code_threshold=dead_code_threshold,
+            restart_sampling=restart_sampling,
             kmeans_init=kmeans_init,
             l2_normalize=l2_normalize_codes,
         )

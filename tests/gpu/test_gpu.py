@@ -76,10 +76,11 @@ def test_compiled_group_norm_keeps_channels_last_both_ways() -> None:
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_quantizer_training_step_never_waits_for_the_gpu() -> None:
+@pytest.mark.parametrize("sampling", ["uniform", "error"])
+def test_quantizer_training_step_never_waits_for_the_gpu(sampling: str) -> None:
     """Counting, the EMA update and dead-code restarts all stay on the device: a host
     sync per step would leave the GPU idle while Python waits."""
-    vq = VectorQuantizerEMA(1024, 16, dead_code_threshold=1.0).cuda().train()
+    vq = VectorQuantizerEMA(1024, 16, dead_code_threshold=1.0, restart_sampling=sampling).cuda().train()
     z = torch.randn(8, 16, 16, 16, device="cuda")
     vq(z)  # warm-up (with kmeans_init the first batch may read one flag back)
     torch.cuda.synchronize()

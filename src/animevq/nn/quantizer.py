@@ -2,7 +2,8 @@
 
 References: van den Oord et al. 2017 (VQ-VAE, eq. 3 and appendix A.1 for the EMA
 update); Razavi et al. 2019 (VQ-VAE-2); Dhariwal et al. 2020 (Jukebox, dead-code
-restart); Yu et al. 2022 (ViT-VQGAN, l2-normalised codes).
+restart); Arthur & Vassilvitskii 2007 (k-means++, D² sampling for restarts and seeds);
+Yu et al. 2022 (ViT-VQGAN, l2-normalised codes).
 
 Shapes: B batch, D code dimension, h×w latent grid, N = B·h·w vectors, K codes.
 """
@@ -23,6 +24,8 @@ __all__ = ["QuantizerOutput", "VectorQuantizerEMA", "nearest_code", "code_counts
 DISTANCE_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of float32 distances per chunk, any K
 LAPLACE_EPS = 1e-5  # VQ-VAE's EMA smoothing ε; survives float32 sums of K=65,536 codes
 L2_EPS = 1e-6  # float16-safe floor for vector norms
+RESTART_SAMPLING = ("error", "uniform")
+UNIFORM_BITS = 30  # resolution of the uniform draws that pick error-weighted restart vectors
 
 
 class QuantizerOutput(NamedTuple):
@@ -113,9 +116,13 @@ class VectorQuantizerEMA(nn.Module):
         decay: EMA decay γ; 0 trains the codebook by gradient through ``vq_loss`` instead.
         eps: Laplace smoothing ε of the EMA counts.
         restart_dead_codes: replace codes whose EMA count falls below
-            ``dead_code_threshold`` × the mean count by random encoder vectors of the
+            ``dead_code_threshold`` × the mean count by encoder vectors drawn from the
             current (global) batch; keeps usage near 100 % (Jukebox, Dhariwal et al. 2020).
         dead_code_threshold: fraction of the mean EMA count under which a code is dead.
+        restart_sampling: how restart vectors are drawn from the global batch: ``"error"``
+            with probability ∝ their squared distance to their code (k-means++'s rule:
+            new codes go where the codebook fits worst, not onto plain page that is
+            already well coded), or ``"uniform"``.
         kmeans_init: initialise the codebook by k-means on the first training batch
             (global under DDP); helps large K converge fast.
         l2_normalize: compare unit vectors (cosine similarity, ViT-VQGAN); steadier usage
@@ -133,6 +140,7 @@ class VectorQuantizerEMA(nn.Module):
         *,
         restart_dead_codes: bool = True,
         dead_code_threshold: float = 0.125,  # a code used 8× less than average is dead
+        restart_sampling: str = "error",
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         l2_normalize: bool = False,
@@ -143,9 +151,12 @@ class VectorQuantizerEMA(nn.Module):
             raise ValueError(f"num_embeddings and embedding_dim must be positive, got {num_embeddings}, {embedding_dim}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if restart_sampling not in RESTART_SAMPLING:
+            raise ValueError(f"restart_sampling must be one of {RESTART_SAMPLING}, got {restart_sampling!r}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.commitment_cost, self.decay, self.eps = commitment_cost, decay, eps
         self.restart_dead_codes, self.dead_code_threshold = restart_dead_codes, dead_code_threshold
+        self.restart_sampling = restart_sampling
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.l2_normalize, self.seed = l2_normalize, seed
 
@@ -241,11 +252,11 @@ class VectorQuantizerEMA(nn.Module):
         self.updates.add_(1)
         restarted = torch.zeros((), dtype=torch.long, device=flat.device)
         if self.restart_dead_codes:
-            restarted = self._restart(flat)
+            restarted = self._restart(flat, indices)
         return restarted
 
     def _global_vectors(self, flat: torch.Tensor) -> torch.Tensor:
-        """All ranks' (N,D) vectors concatenated in rank order (every rank's batch has one shape)."""
+        """All ranks' (N,...) rows concatenated in rank order (every rank's batch has one shape)."""
         if not _distributed():
             return flat
         parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
@@ -256,29 +267,44 @@ class VectorQuantizerEMA(nn.Module):
         # Seeded by the update count, which every rank shares: identical draws everywhere.
         return torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.updates))
 
-    def _pick_global(self, flat: torch.Tensor, count: int) -> torch.Tensor:
-        """``count`` random rows of the global batch, the same rows on every rank: (count,D).
+    def _draw_rows(self, flat: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
+        """``count`` global row numbers in [0, world·N), the same on every rank, host-sync free.
+
+        ``"uniform"`` hashes the update counter. ``"error"`` inverts the cumulative squared
+        distance of every global vector to its (just updated) code at hashed uniform points;
+        if every vector sits on its code it falls back to uniform rows.
+        """
+        world = dist.get_world_size() if _distributed() else 1
+        uniform = _hash_draw(self.updates, self.seed, count, world * flat.shape[0])
+        if self.restart_sampling == "uniform":
+            return uniform
+        error = (flat - self.embedding[indices]).pow(2).sum(1)  # (N,)
+        cdf = self._global_vectors(error).double().cumsum(0)  # (world·N,)
+        scale = 1 << UNIFORM_BITS
+        u = (_hash_draw(self.updates, self.seed + 1, count, scale).double() + 0.5) / scale  # (count,) in (0,1)
+        weighted = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_max(cdf.numel() - 1)
+        return torch.where(cdf[-1] > 0, weighted, uniform)
+
+    def _pick_global(self, flat: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+        """Rows ``pick`` of the global batch, the same rows on every rank: (count,D).
 
         Each rank fills the rows it owns and an all-reduce sums them, which moves K×D
         values instead of gathering every rank's N×D batch.
         """
-        world = dist.get_world_size() if _distributed() else 1
-        rank = dist.get_rank() if world > 1 else 0
-        n = flat.shape[0]
-        pick = _hash_draw(self.updates, self.seed, count, world * n)
-        if world == 1:
+        if not _distributed():
             return flat[pick]
-        mine = (pick // n) == rank
+        n = flat.shape[0]
+        mine = (pick // n) == dist.get_rank()
         rows = torch.where(mine.unsqueeze(1), flat[pick % n], torch.zeros((), device=flat.device))
         dist.all_reduce(rows)
         return rows
 
     @torch.no_grad()
-    def _restart(self, flat: torch.Tensor) -> torch.Tensor:
-        """Replace dead codes by random vectors of the global batch, without a host sync."""
+    def _restart(self, flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Replace dead codes by vectors drawn from the global batch, without a host sync."""
         mean = self.cluster_size.mean()
         dead = self.cluster_size < self.dead_code_threshold * mean  # (K,), identical on all ranks
-        new = self._pick_global(flat, self.num_embeddings)  # (K,D) candidates
+        new = self._pick_global(flat, self._draw_rows(flat, indices, self.num_embeddings))  # (K,D) candidates
         if self.l2_normalize:
             new = F.normalize(new, dim=1, eps=L2_EPS)
         column = dead.unsqueeze(1)
