@@ -166,16 +166,23 @@ def test_restarts_go_where_the_codebook_fits_worst_only_with_error_sampling(samp
 
 
 def test_error_sampling_draws_by_squared_distance_and_falls_back_to_uniform() -> None:
-    vq = VectorQuantizerEMA(4, 2, restart_sampling="error")
-    indices = torch.tensor([0, 1, 2, 3, 0, 1])
-    flat = vq.codebook[indices].clone()
-    spread = vq._draw_rows(flat, indices, 200)  # no vector is off its code: uniform rows
-    assert spread.min() >= 0 and spread.max() < 6 and torch.unique(spread).numel() == 6
-    flat[4] += 1.0  # one vector off its code: it carries all the weight
-    assert torch.equal(vq._draw_rows(flat, indices, 200), torch.full((200,), 4))
-    flat[1] += 3.0  # 9 : 1 weights
-    share = (vq._draw_rows(flat, indices, 2000) == 1).float().mean()
+    vq = VectorQuantizerEMA(2000, 2, restart_sampling="error")
+    error = torch.zeros(6)  # squared distance of each of 6 vectors to its code
+    owner, row = vq._draw_rows(6, error, error.sum().view(1))  # all on their codes: uniform rows
+    assert (owner == 0).all() and row.min() >= 0 and row.max() < 6 and torch.unique(row).numel() == 6
+    error[4] = 1.0  # one vector off its code carries all the weight
+    assert (vq._draw_rows(6, error, error.sum().view(1))[1] == 4).all()
+    error[1] = 9.0  # 9 : 1 weights
+    share = (vq._draw_rows(6, error, error.sum().view(1))[1] == 1).float().mean()
     assert 0.85 < share < 0.95
+
+
+def test_error_sampling_picks_the_rank_by_its_total_then_the_row_within_it() -> None:
+    vq = VectorQuantizerEMA(2000, 2, restart_sampling="error")
+    mine = torch.tensor([0.0, 0.0, 1.0, 0.0])  # as rank 1 of 2 sees it: only row 2 is off its code
+    owner, row = vq._draw_rows(4, mine, torch.tensor([3.0, 1.0]))  # rank 0 holds 3/4 of the error
+    assert 0.2 < (owner == 1).float().mean() < 0.3
+    assert (row[owner == 1] == 2).all()  # rank 1 resolves its own draws; rank 0 fills the rest
 
 
 def test_unknown_restart_sampling_is_rejected() -> None:

@@ -215,7 +215,7 @@ class VectorQuantizerEMA(nn.Module):
             z_q = F.embedding(indices, self.embedding).view_as(z)  # (B,h,w,D), pre-update codes
             restarted = torch.zeros((), dtype=torch.long, device=z.device)
             if ema:
-                restarted = self._ema_update(flat.detach(), indices, counts)
+                restarted = self._ema_update(flat.detach(), indices, counts, z_q.detach().view_as(flat))
             vq_loss = F.mse_loss(z_q, z.detach())
             commitment_loss = F.mse_loss(z, z_q.detach())
             z_q = z + (z_q - z).detach()  # straight-through estimator (VQ-VAE §3.2)
@@ -233,13 +233,27 @@ class VectorQuantizerEMA(nn.Module):
         )
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """VQ-VAE appendix A.1 with Laplace smoothing; statistics summed over ranks first."""
-        n = counts.clone()  # (K,)
-        s = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)  # (K,D)
-        if _distributed():
-            dist.all_reduce(n)
-            dist.all_reduce(s)
+    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+                    codes_before: torch.Tensor) -> torch.Tensor:
+        """VQ-VAE appendix A.1 with Laplace smoothing; statistics summed over ranks first.
+
+        Under DDP one all-reduce carries the counts, the vector sums and each rank's total
+        quantisation error (for error-weighted restarts); a restart adds one more.
+        """
+        world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+        k, d = self.embed_sum.shape
+        error = None  # (N,) squared distance of each vector to its code, for error-weighted restarts
+        if self.restart_dead_codes and self.restart_sampling == "error":
+            error = (flat - codes_before).pow(2).sum(1)
+        packed = torch.zeros(k * (d + 1) + world, device=flat.device)
+        stats = packed[: k * (d + 1)].view(k, d + 1)  # [s_i | n_i]
+        stats[:, :d].index_add_(0, indices, flat)
+        stats[:, d] = counts
+        if error is not None:
+            packed[k * (d + 1) + rank] = error.sum()
+        if world > 1:
+            dist.all_reduce(packed)
+        s, n, rank_error = stats[:, :d], stats[:, d], packed[k * (d + 1) :]
         g = self.decay
         self.cluster_size.mul_(g).add_(n, alpha=1 - g)  # N_i ← γN_i + (1−γ)n_i
         self.embed_sum.mul_(g).add_(s, alpha=1 - g)  # m_i ← γm_i + (1−γ)s_i
@@ -252,11 +266,11 @@ class VectorQuantizerEMA(nn.Module):
         self.updates.add_(1)
         restarted = torch.zeros((), dtype=torch.long, device=flat.device)
         if self.restart_dead_codes:
-            restarted = self._restart(flat, indices)
+            restarted = self._restart(flat, self._draw_rows(flat.shape[0], error, rank_error))
         return restarted
 
     def _global_vectors(self, flat: torch.Tensor) -> torch.Tensor:
-        """All ranks' (N,...) rows concatenated in rank order (every rank's batch has one shape)."""
+        """All ranks' (N,D) vectors concatenated in rank order (every rank's batch has one shape)."""
         if not _distributed():
             return flat
         parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
@@ -267,44 +281,51 @@ class VectorQuantizerEMA(nn.Module):
         # Seeded by the update count, which every rank shares: identical draws everywhere.
         return torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.updates))
 
-    def _draw_rows(self, flat: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
-        """``count`` global row numbers in [0, world·N), the same on every rank, host-sync free.
+    def _draw_rows(self, n: int, error: torch.Tensor | None,
+                   rank_error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K rows of the global batch, as (owner rank, row on that rank), the same on every
+        rank and free of host syncs.
 
-        ``"uniform"`` hashes the update counter. ``"error"`` inverts the cumulative squared
-        distance of every global vector to its (just updated) code at hashed uniform points;
-        if every vector sits on its code it falls back to uniform rows.
+        Uniform rows hash the update counter. Error-weighted rows (``error`` given: this
+        rank's (N,) squared distances; ``rank_error``: every rank's total) invert the
+        cumulative error at hashed uniform points: the totals pick the owning rank, and
+        only the owner can resolve the row, from its own cumulative error. When every vector
+        sits on its code the draw falls back to uniform rows.
         """
-        world = dist.get_world_size() if _distributed() else 1
-        uniform = _hash_draw(self.updates, self.seed, count, world * flat.shape[0])
-        if self.restart_sampling == "uniform":
-            return uniform
-        error = (flat - self.embedding[indices]).pow(2).sum(1)  # (N,)
-        cdf = self._global_vectors(error).double().cumsum(0)  # (world·N,)
+        count, world = self.num_embeddings, rank_error.numel()
+        uniform = _hash_draw(self.updates, self.seed, count, world * n)
+        owner, row = uniform // n, uniform % n
+        if error is None:
+            return owner, row
         scale = 1 << UNIFORM_BITS
         u = (_hash_draw(self.updates, self.seed + 1, count, scale).double() + 0.5) / scale  # (count,) in (0,1)
-        weighted = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_max(cdf.numel() - 1)
-        return torch.where(cdf[-1] > 0, weighted, uniform)
+        rank_cdf = rank_error.double().cumsum(0)  # (world,)
+        target = u * rank_cdf[-1]
+        by_error = torch.searchsorted(rank_cdf, target, right=True).clamp_max(world - 1)
+        start = rank_cdf[by_error] - rank_error[by_error].double()  # where the owner's share begins
+        cdf = error.double().cumsum(0)  # (N,) this rank's; other ranks' rows come by all-reduce
+        row_by_error = torch.searchsorted(cdf, target - start, right=True).clamp_max(n - 1)
+        weighted = rank_cdf[-1] > 0
+        return torch.where(weighted, by_error, owner), torch.where(weighted, row_by_error, row)
 
-    def _pick_global(self, flat: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
-        """Rows ``pick`` of the global batch, the same rows on every rank: (count,D).
+    def _pick_global(self, flat: torch.Tensor, owner: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Vectors ``row`` of ranks ``owner``, the same on every rank: (count,D).
 
         Each rank fills the rows it owns and an all-reduce sums them, which moves K×D
         values instead of gathering every rank's N×D batch.
         """
         if not _distributed():
-            return flat[pick]
-        n = flat.shape[0]
-        mine = (pick // n) == dist.get_rank()
-        rows = torch.where(mine.unsqueeze(1), flat[pick % n], torch.zeros((), device=flat.device))
+            return flat[row]
+        rows = torch.where((owner == dist.get_rank()).unsqueeze(1), flat[row], torch.zeros((), device=flat.device))
         dist.all_reduce(rows)
         return rows
 
     @torch.no_grad()
-    def _restart(self, flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Replace dead codes by vectors drawn from the global batch, without a host sync."""
+    def _restart(self, flat: torch.Tensor, draws: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Replace dead codes by the drawn vectors of the global batch, without a host sync."""
         mean = self.cluster_size.mean()
         dead = self.cluster_size < self.dead_code_threshold * mean  # (K,), identical on all ranks
-        new = self._pick_global(flat, self._draw_rows(flat, indices, self.num_embeddings))  # (K,D) candidates
+        new = self._pick_global(flat, *draws)  # (K,D) candidates
         if self.l2_normalize:
             new = F.normalize(new, dim=1, eps=L2_EPS)
         column = dead.unsqueeze(1)
