@@ -241,19 +241,18 @@ class VectorQuantizerEMA(nn.Module):
         quantisation error (for error-weighted restarts); a restart adds one more.
         """
         world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
-        k, d = self.embed_sum.shape
+        n = counts  # (K,)
+        s = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)  # (K,D)
+        rank_error = torch.zeros(world, device=flat.device)  # each rank's total error
         error = None  # (N,) squared distance of each vector to its code, for error-weighted restarts
         if self.restart_dead_codes and self.restart_sampling == "error":
             error = (flat - codes_before).pow(2).sum(1)
-        packed = torch.zeros(k * (d + 1) + world, device=flat.device)
-        stats = packed[: k * (d + 1)].view(k, d + 1)  # [s_i | n_i]
-        stats[:, :d].index_add_(0, indices, flat)
-        stats[:, d] = counts
-        if error is not None:
-            packed[k * (d + 1) + rank] = error.sum()
+            rank_error[rank] = error.sum()
         if world > 1:
+            k, d = s.shape
+            packed = torch.cat([s.flatten(), n, rank_error])
             dist.all_reduce(packed)
-        s, n, rank_error = stats[:, :d], stats[:, d], packed[k * (d + 1) :]
+            s, n, rank_error = packed[: k * d].view(k, d), packed[k * d : k * (d + 1)], packed[k * (d + 1) :]
         g = self.decay
         self.cluster_size.mul_(g).add_(n, alpha=1 - g)  # N_i ← γN_i + (1−γ)n_i
         self.embed_sum.mul_(g).add_(s, alpha=1 - g)  # m_i ← γm_i + (1−γ)s_i
