@@ -1,6 +1,6 @@
 """Test-only callbacks that `animevq fit` subprocesses load through --trainer.callbacks
 (tests/ is put on PYTHONPATH): a SIGTERM at a chosen batch, a recorder of what each batch
-saw, a NaN injector and a failure on one DDP rank."""
+saw, a NaN injector, a failure or a SIGTERM on one DDP rank, and where each rank stopped."""
 
 from __future__ import annotations
 
@@ -67,3 +67,29 @@ class NanOnRank(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and batch_idx == self.batch and trainer.current_epoch == 0:
             batch.fill_(float("nan"))
+
+
+class SigtermFlagOnRank(pl.Callback):
+    """Record SIGTERM on one DDP rank as epoch ``epoch`` starts, between two batches.
+
+    Sets the flag Lightning's signal handler sets, without the handler's own broadcast from
+    rank 0 (which, run on one rank only, no other rank would join).
+    """
+
+    def __init__(self, rank: int, epoch: int) -> None:
+        self.rank, self.epoch = rank, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank == self.rank and trainer.current_epoch == self.epoch:
+            trainer._signal_connector.received_sigterm = True
+
+
+class StopRecorder(pl.Callback):
+    """Append ``rank batches_seen exception`` to ``path`` when fitting stops with an exception."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_rank} {pl_module.batches_seen} {type(exception).__name__}\n")

@@ -16,6 +16,8 @@ from conftest import TINY
 from plain import assert_plain
 from test_data_poison import BAD_FILES, _write_bad, _write_good
 
+from animevq.reliability import EXIT_SIGTERM
+
 LISTING_REASONS = {"broken_link", "outside_data_dir"}  # refused while listing, never loaded
 
 
@@ -100,3 +102,43 @@ def test_ddp_ranks_skip_nonfinite_steps_together_and_an_exception_on_one_ends_al
     # Before that, rank 1's NaN batch was skipped by both ranks (rank 0 logs it; its own loss
     # was finite), or rank 0 would have waited in a gradient all-reduce rank 1 never joined.
     assert "non-finite loss at batch 1 (1 in a row, 1 in all): step skipped" in result.stderr
+
+
+def _ddp_sigterm_run(tmp_path: Path, callbacks: list[dict]):
+    data = make_images(tmp_path / "images", n=16)
+    stops = tmp_path / "stops.txt"
+    config = _config(tmp_path / "run", data, devices=2, strategy="ddp", max_epochs=3, logger=False,
+                     callbacks=[*callbacks, {"class_path": "reliability_callbacks.StopRecorder",
+                                             "init_args": {"path": str(stops)}}])
+    config["data"]["batch_size"] = 2
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
+    result = run_animevq("fit", "--config", str(tmp_path / "ddp.yaml"), cwd=tmp_path, timeout=90)
+    rows = sorted(line.split() for line in stops.read_text().splitlines()) if stops.exists() else []
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    return result, rows, last
+
+
+@pytest.mark.timeout(120)
+def test_ddp_sigterm_on_every_rank_saves_the_batch_and_stops_every_rank(tmp_path: Path) -> None:
+    # As torchrun and SLURM send it: every rank receives the signal during batch 4 (epoch 1).
+    stop = {"class_path": "reliability_callbacks.SigtermAt", "init_args": {"batch": 4}}
+    result, rows, last = _ddp_sigterm_run(tmp_path, [stop])
+    assert result.returncode == EXIT_SIGTERM, result.stderr[-4000:]
+    assert "stopped by SIGTERM" in result.stderr
+    assert result.seconds < 60 and result.leftover == []
+    assert last["animevq"]["batches_seen"] == 5  # batch 4 was finished, then saved by both ranks together
+    assert rows == [["0", "5", "AgreedSigterm"], ["1", "5", "AgreedSigterm"]]
+
+
+@pytest.mark.timeout(120)
+def test_ddp_sigterm_on_one_rank_between_batches_stops_every_rank_before_the_next(tmp_path: Path) -> None:
+    # Rank 1 alone records SIGTERM as epoch 1 starts. HostSigtermCheck's agreement before the
+    # batch stops both ranks there; Lightning's own check asked rank 0 only, so rank 0 would
+    # go on while rank 1 stopped after the batch, leaving rank 0 in a collective alone.
+    flag = {"class_path": "reliability_callbacks.SigtermFlagOnRank", "init_args": {"rank": 1, "epoch": 1}}
+    result, rows, last = _ddp_sigterm_run(tmp_path, [flag])
+    assert result.returncode == EXIT_SIGTERM, result.stderr[-4000:]
+    assert result.seconds < 60 and result.leftover == []
+    per_epoch = last["animevq"]["batches_seen"]  # saved at the end of epoch 0, nothing trained after it
+    assert per_epoch == last["global_step"] > 0
+    assert rows == [["0", str(per_epoch), "AgreedSigterm"], ["1", str(per_epoch), "AgreedSigterm"]]

@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .reliability import check_free_space, estimate_checkpoint_bytes
+from .reliability import AgreedSigterm, any_rank, check_free_space, estimate_checkpoint_bytes
 
 __all__ = ["LastCheckpoint", "atomic_replace", "LAST_NAME", "PREVIOUS_NAME"]
 
@@ -109,10 +109,9 @@ class LastCheckpoint(pl.Callback):
         check_free_space(self.dirpath, estimate_checkpoint_bytes(pl_module))
 
     def _sigterm(self, trainer: pl.Trainer) -> bool:
-        """Whether any rank received SIGTERM (a collective under DDP, so all ranks agree)."""
-        if trainer.world_size > 1:
-            return trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False)
-        return trainer.received_sigterm
+        """Whether any rank received SIGTERM (a collective under DDP, so all ranks agree; on
+        the CPU, so the host does not wait for the GPU at every batch)."""
+        return any_rank(trainer.received_sigterm)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         batches = getattr(pl_module, "batches_seen", trainer.global_step)
@@ -128,9 +127,12 @@ class LastCheckpoint(pl.Callback):
         self._saved_since_sigterm = trainer.received_sigterm
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Only for SIGTERM and only on one process: after any other exception the state may
-        # be half-updated, and under DDP the other ranks may not be here to save with us.
-        if not isinstance(exception, SIGTERMException) or trainer.world_size > 1 or self._saved_since_sigterm:
+        # Only for SIGTERM, and under DDP only one that every rank raised at the same point
+        # (HostSigtermCheck's): after any other exception the state may be half-updated, and
+        # the other ranks may not be here to save with us.
+        if not isinstance(exception, SIGTERMException) or self._saved_since_sigterm:
+            return
+        if trainer.world_size > 1 and not isinstance(exception, AgreedSigterm):
             return
         self.save(trainer, getattr(pl_module, "batches_seen", trainer.global_step))
 

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .checkpointing import LAST_NAME, PREVIOUS_NAME, LastCheckpoint
 from .data import AnimeDataModule, DataReport
 from .lightning_module import VQVAEModel
-from .reliability import EXIT_SIGTERM, ExactResume, verify_checkpoint
+from .reliability import EXIT_SIGTERM, ExactResume, HostSigtermCheck, verify_checkpoint
 
 __all__ = ["AnimeVQCLI", "main"]
 
@@ -109,6 +109,7 @@ class AnimeVQCLI(LightningCLI):
         last = LastCheckpoint(Path(config["run_dir"]) / "checkpoints", every_n_steps=config["save_every_n_steps"])
         trainer.callbacks.insert(0, last)
         trainer.callbacks.insert(1, ExactResume())
+        trainer.callbacks.insert(2, HostSigtermCheck())
         return trainer
 
     def after_fit(self) -> None:
