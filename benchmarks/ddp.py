@@ -1,6 +1,6 @@
 """Multi-GPU (DDP) training throughput and codebook agreement across ranks (GPU; not a test).
 
-    python benchmarks/ddp.py --devices 1 && python benchmarks/ddp.py --devices 2
+    python benchmarks/ddp.py --devices 1 --compile && python benchmarks/ddp.py --devices 2 --compile
 
 Each rank trains on its own random images (batch 32 per GPU, 256×256, bf16-mixed). Prints
 the global images/s (median over steps after warm-up, timed on rank 0) and, at the end,
@@ -10,8 +10,10 @@ whether every rank's codebook and EMA statistics are bit-identical.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,9 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import lightning.pytorch as pl  # noqa: E402
-from throughput import StepTimer  # noqa: E402
+from throughput import Profile, StepTimer, SyncDebug  # noqa: E402
 
 from animevq.lightning_module import VQVAEModel  # noqa: E402
+from animevq.checkpointing import LastCheckpoint  # noqa: E402
+from animevq.reliability import HostSigtermCheck  # noqa: E402
 
 
 class CodebookAgreement(pl.Callback):
@@ -44,7 +48,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--bucket_view", action="store_true", help="DDP gradient_as_bucket_view=True")
+    p.add_argument("--static_graph", action="store_true", help="DDP static_graph=True")
+    p.add_argument("--bucket_mb", type=float, default=None, help="DDP bucket_cap_mb (default 25)")
+    p.add_argument("--no_optimize_ddp", action="store_true",
+                   help="compile each network whole instead of splitting it at DDP's buckets")
+    p.add_argument("--lightning_sigterm", action="store_true",
+                   help="keep Lightning's SIGTERM broadcast (a host sync per batch) instead of HostSigtermCheck")
+    p.add_argument("--profile", action="store_true", help="rank 0's kernel-time breakdown of 3 steps")
+    p.add_argument("--sync_debug", action="store_true", help="report rank 0's host synchronisations")
     a = p.parse_args()
+    if a.no_optimize_ddp:
+        torch._dynamo.config.optimize_ddp = False
+    ddp_kwargs = {}
+    if a.bucket_view:
+        ddp_kwargs["gradient_as_bucket_view"] = True
+    if a.static_graph:
+        ddp_kwargs["static_graph"] = True
+    if a.bucket_mb is not None:
+        ddp_kwargs["bucket_cap_mb"] = a.bucket_mb
+    strategy = pl.strategies.DDPStrategy(**ddp_kwargs) if a.devices > 1 else "auto"
     torch.manual_seed(0)
     model = VQVAEModel(use_lpips=False, lambda_perc=0.0, warmup_steps=0, compile=a.compile,
                        log_every_n_steps=10**9, log_images_every_n_steps=10**9)
@@ -53,15 +76,23 @@ def main() -> None:
     data = (data * (n // len(data) + 1))[:n]
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=2, pin_memory=True)
     timer = StepTimer()
-    trainer = pl.Trainer(accelerator="gpu", devices=a.devices, strategy="ddp" if a.devices > 1 else "auto",
+    rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0  # Lightning starts ranks > 0 with it set
+    # As the CLI's: its last.ckpt callback (a SIGTERM agreement after every batch; it saves once,
+    # when training ends) and, unless --lightning_sigterm, HostSigtermCheck.
+    extra = [LastCheckpoint(Path(tempfile.mkdtemp()), every_n_steps=10**9)]
+    extra += [] if a.lightning_sigterm else [HostSigtermCheck()]
+    extra += ([Profile(a.warmup)] if a.profile and rank0 else []) + ([SyncDebug(a.warmup)] if a.sync_debug and rank0 else [])
+    trainer = pl.Trainer(accelerator="gpu", devices=a.devices, strategy=strategy,
                          precision="bf16-mixed", max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[timer, CodebookAgreement()], benchmark=True)
+                         callbacks=[timer, CodebookAgreement(), *extra], benchmark=True)
     trainer.fit(model, train_dataloaders=loader)
     if trainer.is_global_zero:
         step = statistics.median(timer.times[a.warmup:])
         print(f"{a.devices} × {torch.cuda.get_device_name()}: {a.devices * a.batch / step:.1f} images/s "
-              f"({step * 1e3:.1f} ms/step, batch {a.batch} per GPU, compile={a.compile})", flush=True)
+              f"({step * 1e3:.1f} ms/step, batch {a.batch} per GPU, compile={a.compile}, ddp {ddp_kwargs}, "
+              f"optimize_ddp={not a.no_optimize_ddp}, sigterm check {'Lightning' if a.lightning_sigterm else 'host'})",
+              flush=True)
 
 
 if __name__ == "__main__":
