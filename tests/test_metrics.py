@@ -84,6 +84,11 @@ def test_masked_psnr_ignores_the_background() -> None:
     expected = 10 * math.log10(1 / 0.05**2)  # ≈ 26 dB over the 64 foreground pixels only
     assert masked_psnr(x, y).item() == pytest.approx(expected, abs=1e-4)
     assert psnr(x, y).item() < 10  # the plain PSNR sees the ruined page
+    # A mask computed once by the caller is used as given: the page's own, or one over the ruined rows.
+    assert masked_psnr(x, y, foreground=foreground_mask(x)).item() == pytest.approx(expected, abs=1e-4)
+    ruined = torch.zeros(1, 32, 32, dtype=torch.bool)
+    ruined[:, 20:] = True
+    assert masked_psnr(x, y, foreground=(ruined, torch.tensor([True]))).item() < 10
 
 
 def test_masked_psnr_is_nan_without_a_flat_background() -> None:
@@ -100,6 +105,9 @@ def test_background_cells_are_the_cells_without_any_drawing() -> None:
     assert torch.equal(cells, expected)
     # 16-px cells: the square lies in the top two.
     assert background_cells(_page(), (2, 2)).tolist() == [[[False, False], [True, True]]]
+    # A precomputed mask is used as given: drawing everywhere leaves no background cell.
+    everywhere = (torch.ones(1, 32, 32, dtype=torch.bool), torch.tensor([True]))
+    assert not background_cells(_page(), (2, 2), foreground=everywhere).any()
 
 
 def test_images_without_a_flat_background_have_no_background_cells() -> None:

@@ -71,10 +71,13 @@ class CodeTally:
         """(K,) histogram of every cell."""
         return self.foreground + self.background
 
-    def update(self, indices: torch.Tensor, images01: torch.Tensor) -> None:
-        """Add (B,h,w) codes of (B,C,H,W) images in [0,1]."""
+    def update(self, indices: torch.Tensor, images01: torch.Tensor,
+               foreground: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Add (B,h,w) codes of (B,C,H,W) images in [0,1] (``foreground``: their
+        ``metrics.foreground_mask``, when the caller has it already)."""
         k = self.foreground.numel()
-        background = metrics.background_cells(images01, tuple(indices.shape[-2:])).to(indices.device)
+        grid = tuple(indices.shape[-2:])
+        background = metrics.background_cells(images01, grid, foreground=foreground).to(indices.device)
         self.foreground += code_counts(indices[~background], k).double().cpu()
         self.background += code_counts(indices[background], k).double().cpu()
 
@@ -182,10 +185,11 @@ def evaluate(
                 q = model.quantize(x)  # eval mode: no codebook update
                 x_rec = model.decoder(model.post_quant_conv(q.z_q)).float().clamp(-1, 1)
             x01, rec01 = (x + 1) / 2, (x_rec + 1) / 2
-            tally.update(q.indices, x01)
+            page = metrics.foreground_mask(x01)  # once, for the code tally and the masked PSNR
+            tally.update(q.indices, x01, foreground=page)
             scores["psnr"].append(metrics.psnr(x01, rec01).cpu())
             scores["ssim"].append(metrics.ssim(x01, rec01).cpu())
-            scores["masked_psnr"].append(metrics.masked_psnr(x01, rec01).cpu())
+            scores["masked_psnr"].append(metrics.masked_psnr(x01, rec01, foreground=page).cpu())
             if lpips is not None:
                 scores["lpips"].append(lpips(x, x_rec).float().cpu())
             if fid is not None:

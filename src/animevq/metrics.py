@@ -92,30 +92,34 @@ def foreground_mask(x: Tensor, *, tolerance: float = DEFAULT_TOLERANCE,
 
 
 def background_cells(x: Tensor, grid: tuple[int, int], *, tolerance: float = DEFAULT_TOLERANCE,
-                     min_border_share: float = DEFAULT_MIN_BORDER_SHARE) -> Tensor:
+                     min_border_share: float = DEFAULT_MIN_BORDER_SHARE,
+                     foreground: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Latent cells whose pixels are all flat background: (B,C,H,W) in [0,1] → (B,h,w) bool.
 
     A cell is the (H/h)×(W/w) patch one code stands for on an h×w code grid. Images
     without a flat background (see ``foreground_mask``) have no background cells.
+    ``foreground``: ``foreground_mask(x)`` when the caller has it already.
     """
     b, _, height, width = x.shape
     h, w = grid
     if h < 1 or w < 1 or height % h or width % w:
         raise ValueError(f"a {h}×{w} code grid does not tile {height}×{width} images")
-    mask, flat = foreground_mask(x, tolerance=tolerance, min_border_share=min_border_share)
+    mask, flat = foreground or foreground_mask(x, tolerance=tolerance, min_border_share=min_border_share)
     drawn = mask.view(b, h, height // h, w, width // w).any(dim=4).any(dim=2)  # (B,h,w)
     return ~drawn & flat.view(b, 1, 1)
 
 
 def masked_psnr(x: Tensor, y: Tensor, *, tolerance: float = DEFAULT_TOLERANCE,
-                min_border_share: float = DEFAULT_MIN_BORDER_SHARE, data_range: float = 1.0) -> Tensor:
+                min_border_share: float = DEFAULT_MIN_BORDER_SHARE, data_range: float = 1.0,
+                foreground: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """PSNR over the foreground pixels of the ORIGINAL ``x`` only: (B,C,H,W) × 2 → (B,).
 
     Illustrations on a white page score high PSNR by reproducing the page; this measures
     the drawing. NaN for images without a flat background or without foreground pixels.
+    ``foreground``: ``foreground_mask(x)`` when the caller has it already.
     """
     _check_pair(x, y)
-    mask, flat = foreground_mask(x, tolerance=tolerance, min_border_share=min_border_share)
+    mask, flat = foreground or foreground_mask(x, tolerance=tolerance, min_border_share=min_border_share)
     err = (x.double() - y.double()).square().sum(dim=1)  # (B,H,W), summed over channels
     n = mask.flatten(1).sum(dim=1)  # (B,) foreground pixels
     mse = (err * mask).flatten(1).sum(dim=1) / (n * x.shape[1]).clamp_min(1)
