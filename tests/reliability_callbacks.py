@@ -9,6 +9,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 
 import lightning.pytorch as pl
 import numpy as np
@@ -93,3 +95,19 @@ class StopRecorder(pl.Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         with open(self.path, "a") as f:
             f.write(f"{trainer.global_rank} {pl_module.batches_seen} {type(exception).__name__}\n")
+
+
+class SigtermGroupAt(pl.Callback):
+    """As training batch ``batch`` starts (rank 0 only), have another process send SIGTERM
+    to this process's whole process group: every rank and every DataLoader worker, as
+    ``kill -TERM -PGID``, ``timeout`` or a batch scheduler do."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 0 and pl_module.batches_seen == self.batch:
+            group = os.getpgid(0)
+            assert group != os.getpgid(os.getppid()), "run the CLI in its own process group (clirun does)"
+            code = f"import os, signal; os.killpg({group}, signal.SIGTERM)"  # the sender is in the group too
+            subprocess.run([sys.executable, "-c", code], check=False)

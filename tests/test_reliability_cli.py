@@ -142,3 +142,28 @@ def test_ddp_sigterm_on_one_rank_between_batches_stops_every_rank_before_the_nex
     per_epoch = last["animevq"]["batches_seen"]  # saved at the end of epoch 0, nothing trained after it
     assert per_epoch == last["global_step"] > 0
     assert rows == [["0", str(per_epoch), "AgreedSigterm"], ["1", str(per_epoch), "AgreedSigterm"]]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("devices", [1, 2])
+def test_sigterm_to_the_whole_process_group_with_loader_workers_saves_and_exits_143(tmp_path: Path,
+                                                                                     devices: int) -> None:
+    # `timeout`, `kill -TERM -PGID` and schedulers signal the DataLoader workers too. A worker
+    # that died of it used to end the run with "DataLoader worker exited unexpectedly"
+    # (status 1, no checkpoint); workers now obey SIGTERM from their training process only.
+    data = make_images(tmp_path / "images", n=16)
+    stops = tmp_path / "stops.txt"
+    callbacks = [{"class_path": "reliability_callbacks.SigtermGroupAt", "init_args": {"batch": 4}},
+                 {"class_path": "reliability_callbacks.StopRecorder", "init_args": {"path": str(stops)}}]
+    ddp = {"devices": 2, "strategy": "ddp"} if devices == 2 else {}
+    config = _config(tmp_path / "run", data, max_epochs=3, logger=False, callbacks=callbacks, **ddp)
+    config["data"].update(batch_size=2, num_workers=2)
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    result = run_animevq("fit", "--config", str(tmp_path / "fit.yaml"), cwd=tmp_path, timeout=90)
+    assert result.returncode == EXIT_SIGTERM, result.stderr[-4000:]
+    assert "exited unexpectedly" not in result.stderr and "killed by signal" not in result.stderr
+    assert result.seconds < 60 and result.leftover == []  # the workers ended with their training process
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["animevq"]["batches_seen"] == 5  # the batch being trained was finished, then saved
+    ranks = sorted(line.split()[:2] for line in stops.read_text().splitlines())
+    assert ranks == [[str(rank), "5"] for rank in range(devices)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -32,6 +34,32 @@ def default_num_workers(devices_per_node: int = 1) -> int:
         cpus = os.cpu_count() or 1
     per_rank = cpus // max(1, devices_per_node)
     return max(0, min(_MAX_DEFAULT_WORKERS, per_rank - 1))
+
+
+def sigterm_from_parent_only(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker obeys SIGTERM only from the training process.
+
+    ``kill -TERM -PGID``, ``timeout`` and batch schedulers signal every process of the job,
+    workers included. A worker that dies of it makes the training process raise "DataLoader
+    worker exited unexpectedly" at its next check, even in the middle of writing the
+    SIGTERM checkpoint. So the worker blocks SIGTERM and a thread takes each one that
+    arrives: from the training process (which terminates its workers on the way out) it
+    ends the worker, from anyone else it is dropped. The worker still ends when its loader
+    shuts it down, and by itself once the training process is gone. Where Python lacks
+    ``signal.sigwaitinfo`` (macOS, Windows) the worker keeps the default.
+    """
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: leave the default
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
 class AnimeDataModule(LightningDataModule):
@@ -233,5 +261,6 @@ class AnimeDataModule(LightningDataModule):
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         persistent = workers > 0 if self.persistent_workers is None else self.persistent_workers
         return dict(
-            num_workers=workers, pin_memory=pin, persistent_workers=persistent and workers > 0
+            num_workers=workers, pin_memory=pin, persistent_workers=persistent and workers > 0,
+            worker_init_fn=sigterm_from_parent_only if workers > 0 else None,
         )
