@@ -284,7 +284,7 @@ class ExactResume(pl.Callback):
             restore_rng_state(state_dict["rng"])
 
 
-# ---------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------- SIGTERM under DDP
 _host_group: tuple[Any, Any] | None = None  # (the default group it belongs to, a gloo group)
 
 
@@ -408,6 +408,7 @@ class HostSigtermCheck(pl.Callback):
         self._restore()
 
 
+# ---------------------------------------------------------------------------- checkpoints
 class _Unsafe(Exception):
     """The file is whole but holds pickled objects that ``weights_only`` refuses."""
 
