@@ -104,15 +104,19 @@ def test_ddp_ranks_skip_nonfinite_steps_together_and_an_exception_on_one_ends_al
     assert "non-finite loss at batch 1 (1 in a row, 1 in all): step skipped" in result.stderr
 
 
-def _ddp_sigterm_run(tmp_path: Path, callbacks: list[dict]):
+def _sigterm_run(tmp_path: Path, callbacks: list[dict], devices: int = 2, num_workers: int = 0):
+    """A 3-epoch fit on 16 images (batch 2) with ``callbacks``; returns the CLI's result,
+    the sorted ``rank batches_seen exception`` rows of each rank that stopped on an
+    exception, and ``last.ckpt``."""
     data = make_images(tmp_path / "images", n=16)
     stops = tmp_path / "stops.txt"
-    config = _config(tmp_path / "run", data, devices=2, strategy="ddp", max_epochs=3, logger=False,
+    ddp = {"devices": 2, "strategy": "ddp"} if devices == 2 else {}
+    config = _config(tmp_path / "run", data, max_epochs=3, logger=False, **ddp,
                      callbacks=[*callbacks, {"class_path": "reliability_callbacks.StopRecorder",
                                              "init_args": {"path": str(stops)}}])
-    config["data"]["batch_size"] = 2
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
-    result = run_animevq("fit", "--config", str(tmp_path / "ddp.yaml"), cwd=tmp_path, timeout=90)
+    config["data"].update(batch_size=2, num_workers=num_workers)
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    result = run_animevq("fit", "--config", str(tmp_path / "fit.yaml"), cwd=tmp_path, timeout=90)
     rows = sorted(line.split() for line in stops.read_text().splitlines()) if stops.exists() else []
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     return result, rows, last
@@ -122,7 +126,7 @@ def _ddp_sigterm_run(tmp_path: Path, callbacks: list[dict]):
 def test_ddp_sigterm_on_every_rank_saves_the_batch_and_stops_every_rank(tmp_path: Path) -> None:
     # As torchrun and SLURM send it: every rank receives the signal during batch 4 (epoch 1).
     stop = {"class_path": "reliability_callbacks.SigtermAt", "init_args": {"batch": 4}}
-    result, rows, last = _ddp_sigterm_run(tmp_path, [stop])
+    result, rows, last = _sigterm_run(tmp_path, [stop])
     assert result.returncode == EXIT_SIGTERM, result.stderr[-4000:]
     assert "stopped by SIGTERM" in result.stderr
     assert result.seconds < 60 and result.leftover == []
@@ -136,7 +140,7 @@ def test_ddp_sigterm_on_one_rank_between_batches_stops_every_rank_before_the_nex
     # batch stops both ranks there; Lightning's own check asked rank 0 only, so rank 0 would
     # go on while rank 1 stopped after the batch, leaving rank 0 in a collective alone.
     flag = {"class_path": "reliability_callbacks.SigtermFlagOnRank", "init_args": {"rank": 1, "epoch": 1}}
-    result, rows, last = _ddp_sigterm_run(tmp_path, [flag])
+    result, rows, last = _sigterm_run(tmp_path, [flag])
     assert result.returncode == EXIT_SIGTERM, result.stderr[-4000:]
     assert result.seconds < 60 and result.leftover == []
     per_epoch = last["animevq"]["batches_seen"]  # saved at the end of epoch 0, nothing trained after it
@@ -151,19 +155,10 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_saves_and_exits_
     # `timeout`, `kill -TERM -PGID` and schedulers signal the DataLoader workers too. A worker
     # that died of it used to end the run with "DataLoader worker exited unexpectedly"
     # (status 1, no checkpoint); workers now obey SIGTERM from their training process only.
-    data = make_images(tmp_path / "images", n=16)
-    stops = tmp_path / "stops.txt"
-    callbacks = [{"class_path": "reliability_callbacks.SigtermGroupAt", "init_args": {"batch": 4}},
-                 {"class_path": "reliability_callbacks.StopRecorder", "init_args": {"path": str(stops)}}]
-    ddp = {"devices": 2, "strategy": "ddp"} if devices == 2 else {}
-    config = _config(tmp_path / "run", data, max_epochs=3, logger=False, callbacks=callbacks, **ddp)
-    config["data"].update(batch_size=2, num_workers=2)
-    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
-    result = run_animevq("fit", "--config", str(tmp_path / "fit.yaml"), cwd=tmp_path, timeout=90)
+    kill = {"class_path": "reliability_callbacks.SigtermGroupAt", "init_args": {"batch": 4}}
+    result, rows, last = _sigterm_run(tmp_path, [kill], devices=devices, num_workers=2)
     assert result.returncode == EXIT_SIGTERM, result.stderr[-4000:]
     assert "exited unexpectedly" not in result.stderr and "killed by signal" not in result.stderr
     assert result.seconds < 60 and result.leftover == []  # the workers ended with their training process
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["animevq"]["batches_seen"] == 5  # the batch being trained was finished, then saved
-    ranks = sorted(line.split()[:2] for line in stops.read_text().splitlines())
-    assert ranks == [[str(rank), "5"] for rank in range(devices)]
+    assert [row[:2] for row in rows] == [[str(rank), "5"] for rank in range(devices)]
