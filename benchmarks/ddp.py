@@ -2,7 +2,8 @@
 
     python benchmarks/ddp.py --devices 1 --compile && python benchmarks/ddp.py --devices 2 --compile
 
-Each rank trains on its own random images (batch 32 per GPU, 256×256, bf16-mixed). Prints
+Each rank trains on its own random images (batch 32 per GPU, 256×256, bf16-mixed), with the
+CLI's per-batch callbacks (last.ckpt, HostSigtermCheck). Prints
 the global images/s (median over steps after warm-up, timed on rank 0) and, at the end,
 whether every rank's codebook and EMA statistics are bit-identical.
 """
@@ -24,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lightning.pytorch as pl  # noqa: E402
 from throughput import Profile, StepTimer, SyncDebug  # noqa: E402
 
-from animevq.lightning_module import VQVAEModel  # noqa: E402
 from animevq.checkpointing import LastCheckpoint  # noqa: E402
+from animevq.lightning_module import VQVAEModel  # noqa: E402
 from animevq.reliability import HostSigtermCheck  # noqa: E402
 
 
@@ -77,16 +78,19 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=2, pin_memory=True)
     timer = StepTimer()
     rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0  # Lightning starts ranks > 0 with it set
-    # As the CLI's: its last.ckpt callback (a SIGTERM agreement after every batch; it saves once,
-    # when training ends) and, unless --lightning_sigterm, HostSigtermCheck.
-    extra = [LastCheckpoint(Path(tempfile.mkdtemp()), every_n_steps=10**9)]
-    extra += [] if a.lightning_sigterm else [HostSigtermCheck()]
-    extra += ([Profile(a.warmup)] if a.profile and rank0 else []) + ([SyncDebug(a.warmup)] if a.sync_debug and rank0 else [])
-    trainer = pl.Trainer(accelerator="gpu", devices=a.devices, strategy=strategy,
-                         precision="bf16-mixed", max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[timer, CodebookAgreement(), *extra], benchmark=True)
-    trainer.fit(model, train_dataloaders=loader)
+    extra: list[pl.Callback] = [] if a.lightning_sigterm else [HostSigtermCheck()]
+    if a.profile and rank0:
+        extra.append(Profile(a.warmup))
+    if a.sync_debug and rank0:
+        extra.append(SyncDebug(a.warmup))
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        # As the CLI: LastCheckpoint agrees on SIGTERM after every batch (and saves once, at the end).
+        last = LastCheckpoint(Path(ckpt_dir), every_n_steps=10**9)
+        trainer = pl.Trainer(accelerator="gpu", devices=a.devices, strategy=strategy,
+                             precision="bf16-mixed", max_epochs=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             callbacks=[timer, CodebookAgreement(), last, *extra], benchmark=True)
+        trainer.fit(model, train_dataloaders=loader)
     if trainer.is_global_zero:
         step = statistics.median(timer.times[a.warmup:])
         print(f"{a.devices} × {torch.cuda.get_device_name()}: {a.devices * a.batch / step:.1f} images/s "
