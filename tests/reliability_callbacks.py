@@ -86,6 +86,18 @@ class SigtermFlagOnRank(pl.Callback):
             trainer._signal_connector.received_sigterm = True
 
 
+class SigtermFlagInValidation(SigtermFlagOnRank):
+    """Record SIGTERM on one DDP rank as the first validation batch of epoch ``epoch`` starts."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        pass
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if (trainer.global_rank == self.rank and trainer.current_epoch == self.epoch and batch_idx == 0
+                and not trainer.sanity_checking):
+            trainer._signal_connector.received_sigterm = True
+
+
 class StopRecorder(pl.Callback):
     """Append ``rank batches_seen exception`` to ``path`` when fitting stops with an exception."""
 

@@ -149,6 +149,20 @@ def test_ddp_sigterm_on_one_rank_between_batches_stops_every_rank_before_the_nex
 
 
 @pytest.mark.timeout(120)
+def test_ddp_sigterm_on_one_rank_during_validation_stops_every_rank_with_a_checkpoint(tmp_path: Path) -> None:
+    # Rank 1 alone records SIGTERM at the first validation batch of epoch 0. Lightning's
+    # evaluation loop would stop rank 1 there and leave rank 0 validating alone; both ranks
+    # now stop after that batch, and the checkpoint is written (nothing was saved before).
+    flag = {"class_path": "reliability_callbacks.SigtermFlagInValidation", "init_args": {"rank": 1, "epoch": 0}}
+    result, rows, last = _sigterm_run(tmp_path, [flag])
+    assert result.returncode == EXIT_SIGTERM, result.stderr[-4000:]
+    assert result.seconds < 60 and result.leftover == []
+    per_epoch = last["animevq"]["batches_seen"]  # the whole of epoch 0 was trained before its validation
+    assert per_epoch == last["global_step"] > 0
+    assert rows == [["0", str(per_epoch), "AgreedSigterm"], ["1", str(per_epoch), "AgreedSigterm"]]
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("devices", [1, 2])
 def test_sigterm_to_the_whole_process_group_with_loader_workers_saves_and_exits_143(tmp_path: Path,
                                                                                      devices: int) -> None:

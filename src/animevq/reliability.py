@@ -331,8 +331,9 @@ class HostSigtermCheck(pl.Callback):
       with ``.item()``: the host waits for the GPU to finish the previous batch before it
       may queue the next, so the host's launch time is added to every step (two H100s:
       66 ms per step against 57 ms of GPU work; BENCHMARKS.md). Here :func:`any_rank`
-      (a CPU all-reduce over gloo) asks every rank instead, before and after each batch,
-      and all ranks raise :class:`AgreedSigterm` together.
+      (a CPU all-reduce over gloo) asks every rank instead, before and after each training
+      batch and after each validation batch, and all ranks raise :class:`AgreedSigterm`
+      together (Lightning's loops would each stop at their own batch).
     - Its SIGTERM handler broadcasts too, from inside the handler, wherever each rank
       happens to be, which need not pair with any collective of the other ranks. Here the
       handler only records the signal (and, under Lightning's subprocess launcher, passes
@@ -360,6 +361,10 @@ class HostSigtermCheck(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._active:
             self._stop_if_any(trainer)  # before Lightning's own check, which asks this rank only
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active:
+            self._stop_if_any(trainer)  # the evaluation loop, too, asks only this rank
 
     @staticmethod
     def _stop_if_any(trainer: pl.Trainer) -> None:
