@@ -123,3 +123,15 @@ class SigtermGroupAt(pl.Callback):
             assert group != os.getpgid(os.getppid()), "run the CLI in its own process group (clirun does)"
             code = f"import os, signal; os.killpg({group}, signal.SIGTERM)"  # the sender is in the group too
             subprocess.run([sys.executable, "-c", code], check=False)
+
+
+class SigtermAfterBatch(pl.Callback):
+    """Send SIGTERM to one DDP rank's own process at the end of training batch ``batch``,
+    after the CLI's callbacks have run their end-of-batch hooks (config callbacks come later)."""
+
+    def __init__(self, rank: int, batch: int) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and pl_module.batches_seen == self.batch + 1:
+            os.kill(os.getpid(), signal.SIGTERM)

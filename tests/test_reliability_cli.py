@@ -135,31 +135,37 @@ def test_ddp_sigterm_on_every_rank_saves_the_batch_and_stops_every_rank(tmp_path
 
 
 @pytest.mark.timeout(120)
-def test_ddp_sigterm_on_one_rank_between_batches_stops_every_rank_before_the_next(tmp_path: Path) -> None:
-    # Rank 1 alone records SIGTERM as epoch 1 starts. HostSigtermCheck's agreement before the
-    # batch stops both ranks there; Lightning's own check asked rank 0 only, so rank 0 would
-    # go on while rank 1 stopped after the batch, leaving rank 0 in a collective alone.
-    flag = {"class_path": "reliability_callbacks.SigtermFlagOnRank", "init_args": {"rank": 1, "epoch": 1}}
-    result, rows, last = _sigterm_run(tmp_path, [flag])
+@pytest.mark.parametrize(("where", "flag", "epoch"), [
+    # As epoch 1 starts: HostSigtermCheck's agreement before the batch stops both ranks.
+    # Lightning's own check asked rank 0 only, so rank 0 would go on while rank 1 stopped after
+    # the batch, leaving rank 0 in a collective alone. The checkpoint is epoch 0's.
+    ("between_batches", "SigtermFlagOnRank", 1),
+    # At epoch 0's first validation batch: Lightning's evaluation loop would stop rank 1 there
+    # and leave rank 0 validating alone. Both stop after that batch; LastCheckpoint saves then.
+    ("during_validation", "SigtermFlagInValidation", 0),
+])
+def test_ddp_sigterm_on_one_rank_stops_every_rank_at_the_same_point(tmp_path: Path, where: str, flag: str,
+                                                                     epoch: int) -> None:
+    record = {"class_path": f"reliability_callbacks.{flag}", "init_args": {"rank": 1, "epoch": epoch}}
+    result, rows, last = _sigterm_run(tmp_path, [record])
     assert result.returncode == EXIT_SIGTERM, result.stderr[-4000:]
     assert result.seconds < 60 and result.leftover == []
-    per_epoch = last["animevq"]["batches_seen"]  # saved at the end of epoch 0, nothing trained after it
+    per_epoch = last["animevq"]["batches_seen"]  # all of epoch 0 trained, nothing after it
     assert per_epoch == last["global_step"] > 0
     assert rows == [["0", str(per_epoch), "AgreedSigterm"], ["1", str(per_epoch), "AgreedSigterm"]]
 
 
 @pytest.mark.timeout(120)
-def test_ddp_sigterm_on_one_rank_during_validation_stops_every_rank_with_a_checkpoint(tmp_path: Path) -> None:
-    # Rank 1 alone records SIGTERM at the first validation batch of epoch 0. Lightning's
-    # evaluation loop would stop rank 1 there and leave rank 0 validating alone; both ranks
-    # now stop after that batch, and the checkpoint is written (nothing was saved before).
-    flag = {"class_path": "reliability_callbacks.SigtermFlagInValidation", "init_args": {"rank": 1, "epoch": 0}}
-    result, rows, last = _sigterm_run(tmp_path, [flag])
+def test_ddp_sigterm_after_the_agreement_of_a_batch_waits_for_the_next_one(tmp_path: Path) -> None:
+    # Rank 1 alone is signalled after HostSigtermCheck's check at the end of batch 3 and
+    # before Lightning's own test of its flag. Lightning would stop rank 1 there alone; the
+    # signal is recorded where only the agreements see it, so both ranks stop before batch 4.
+    kill = {"class_path": "reliability_callbacks.SigtermAfterBatch", "init_args": {"rank": 1, "batch": 3}}
+    result, rows, last = _sigterm_run(tmp_path, [kill])
     assert result.returncode == EXIT_SIGTERM, result.stderr[-4000:]
     assert result.seconds < 60 and result.leftover == []
-    per_epoch = last["animevq"]["batches_seen"]  # the whole of epoch 0 was trained before its validation
-    assert per_epoch == last["global_step"] > 0
-    assert rows == [["0", str(per_epoch), "AgreedSigterm"], ["1", str(per_epoch), "AgreedSigterm"]]
+    assert last["animevq"]["batches_seen"] == 4
+    assert rows == [["0", "4", "AgreedSigterm"], ["1", "4", "AgreedSigterm"]]
 
 
 @pytest.mark.timeout(120)

@@ -336,8 +336,9 @@ class HostSigtermCheck(pl.Callback):
       together (Lightning's loops would each stop at their own batch).
     - Its SIGTERM handler broadcasts too, from inside the handler, wherever each rank
       happens to be, which need not pair with any collective of the other ranks. Here the
-      handler only records the signal (and, under Lightning's subprocess launcher, passes
-      it on to the other local ranks, as Lightning's does).
+      handler only records the signal, where Lightning's own per-rank tests do not see it
+      (and, under Lightning's subprocess launcher, passes it on to the other local ranks,
+      as Lightning's does).
 
     Under one process it does nothing; a piece that Lightning lacks is left alone. The CLI
     adds it; add it to a ``Trainer`` of your own for multi-GPU runs.
@@ -345,11 +346,13 @@ class HostSigtermCheck(pl.Callback):
 
     def __init__(self) -> None:
         self._active = False
+        self._received = False  # set by the swapped handler; only the agreements read it
         self._loop: Any = None
         self._handler: tuple[list[Any], int, Any] | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = trainer.world_size > 1
+        self._received = False
         if not self._active:
             return
         loop = trainer.fit_loop.epoch_loop
@@ -360,20 +363,21 @@ class HostSigtermCheck(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._active:
-            self._stop_if_any(trainer)  # before Lightning's own check, which asks this rank only
+            self._stop_if_any(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._active:
-            self._stop_if_any(trainer)  # the evaluation loop, too, asks only this rank
+            self._stop_if_any(trainer)
 
-    @staticmethod
-    def _stop_if_any(trainer: pl.Trainer) -> None:
-        if any_rank(trainer.received_sigterm):
+    def _stop_if_any(self, trainer: pl.Trainer) -> None:
+        if any_rank(self._received or trainer.received_sigterm):
             raise AgreedSigterm()
 
     def _quiet_signal_handler(self, trainer: pl.Trainer) -> None:
         """Swap Lightning's SIGTERM notifier, inside the handler it registered, for one that
-        records the signal without a collective."""
+        records the signal without a collective, where only this callback's agreements read
+        it: Lightning's loops test the flag it keeps (``trainer.received_sigterm``) on each
+        rank alone, and would stop a rank the others are not stopping with."""
         try:
             from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
         except ImportError:  # another Lightning layout: leave its handler alone
@@ -382,13 +386,12 @@ class HostSigtermCheck(pl.Callback):
         notifier = getattr(_SignalConnector, "_sigterm_notifier_fn", None)
         if not isinstance(handlers, list) or notifier is None:
             return
-        connector = trainer._signal_connector
 
         def record(signum: int, frame: Any) -> None:
             log.info("rank %d received SIGTERM", trainer.global_rank)
-            if not connector.received_sigterm and trainer.strategy.launcher is not None:
+            if not self._received and trainer.strategy.launcher is not None:
                 trainer.strategy.launcher.kill(signum)  # Lightning's subprocess launcher: the other local ranks
-            connector.received_sigterm = True
+            self._received = True
 
         for i, handler in enumerate(handlers):
             if getattr(handler, "__func__", None) is notifier:
