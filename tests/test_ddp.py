@@ -96,6 +96,16 @@ def test_collapse_revives_dead_codes_identically(tmp_path) -> None:
     assert torch.unique(final.round(decimals=5), dim=0).shape[0] > K // 2
 
 
+class EndProcessGroup(pl.Callback):
+    """Destroy each spawned rank's process group when fit ends. Left to the interpreter's
+    exit, gloo's threads were sometimes torn down while running: "terminate called without
+    an active exception" and a SIGABRT of the worker, after a fit that had passed."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 class CodebooksAgree(pl.Callback):
     """After every batch, every rank holds the same codebook and EMA state, though each saw its own data."""
 
@@ -124,7 +134,7 @@ def test_lightning_ddp_fit_keeps_codebooks_identical(tmp_path, tiny_kwargs) -> N
     model = VQVAEModel(**dict(tiny_kwargs, log_every_n_steps=1))
     trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[CodebooksAgree(tmp_path / 'checked.txt')], default_root_dir=tmp_path)
+                         callbacks=[CodebooksAgree(tmp_path / 'checked.txt'), EndProcessGroup()], default_root_dir=tmp_path)
     trainer.fit(model, DataLoader(images, batch_size=2))
     checked = sorted((tmp_path / "checked.txt").read_text().split("\n")[:-1])
     assert checked == sorted(f"{r} {b}" for r in range(WORLD) for b in range(16 // (2 * WORLD)))
@@ -156,7 +166,8 @@ def test_vqgan_trains_under_ddp(tmp_path, tiny_kwargs) -> None:
     model = VQVAEModel(**dict(tiny_kwargs, lambda_gan=0.5, disc_start=1, disc_norm="group"))
     trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[DiscriminatorsAgree(tmp_path / "gan.txt")], default_root_dir=tmp_path)
+                         callbacks=[DiscriminatorsAgree(tmp_path / "gan.txt"), EndProcessGroup()],
+                         default_root_dir=tmp_path)
     trainer.fit(model, DataLoader(images, batch_size=2))
     rows = [line.split() for line in (tmp_path / "gan.txt").read_text().splitlines()]
     assert sorted((r[0], r[1]) for r in rows) == sorted((str(r), str(b)) for r in range(WORLD) for b in range(3))
