@@ -4,6 +4,7 @@ saw, a NaN injector, a failure or a SIGTERM on one DDP rank, and where each rank
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -58,6 +59,22 @@ class RaiseOnRank(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and batch_idx == self.batch:
             raise RuntimeError(f"injected failure on rank {self.rank} at batch {self.batch}")
+
+
+class DiskFullOnRank(pl.Callback):
+    """From batch ``batch`` on, every checkpoint write on one rank fails as a full disk does."""
+
+    def __init__(self, rank: int, batch: int) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank != self.rank or pl_module.batches_seen != self.batch:
+            return
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, f"No space left on device (injected on rank {self.rank})")
+
+        trainer.strategy.checkpoint_io.save_checkpoint = full
 
 
 class NanOnRank(pl.Callback):

@@ -122,22 +122,23 @@ def model(tiny_kwargs: dict) -> VQVAEModel:
 
 # ---------------------------------------------------------------------------- 2. checkpoint writes
 class _CrashWhileWriting(pl.Callback):
-    """From batch ``at`` on, ``trainer.save_checkpoint`` writes half a file, then fails."""
+    """From batch ``at`` on, the checkpoint writer writes half a file, then fails."""
 
     def __init__(self, at: int) -> None:
         self.at = at
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if pl_module.batches_seen == self.at:
-            real = trainer.save_checkpoint
+            io = trainer.strategy.checkpoint_io
+            real = io.save_checkpoint
 
-            def half_then_crash(path, *args, **kwargs) -> None:
-                real(path, *args, **kwargs)
+            def half_then_crash(checkpoint, path, *args, **kwargs) -> None:
+                real(checkpoint, path, *args, **kwargs)
                 data = Path(path).read_bytes()
                 Path(path).write_bytes(data[: len(data) // 2])
                 raise OSError(28, "No space left on device")
 
-            trainer.save_checkpoint = half_then_crash
+            io.save_checkpoint = half_then_crash
 
 
 def test_a_crash_while_writing_leaves_the_last_good_checkpoint(model: VQVAEModel, tmp_path: Path) -> None:

@@ -104,6 +104,27 @@ def test_ddp_ranks_skip_nonfinite_steps_together_and_an_exception_on_one_ends_al
     assert "non-finite loss at batch 1 (1 in a row, 1 in all): step skipped" in result.stderr
 
 
+@pytest.mark.timeout(120)
+def test_ddp_checkpoint_write_failing_on_rank_0_ends_every_rank_and_keeps_the_last_one(tmp_path: Path) -> None:
+    # Rank 0 writes last.ckpt. When its write failed (a full disk), rank 1 used to wait for it in
+    # Trainer.save_checkpoint's barrier: over gloo it then failed with gloo's "remote worker crashing"
+    # once rank 0 exited; over NCCL it waited for the process group's timeout (tests/gpu).
+    data = make_images(tmp_path / "images", n=16)
+    full = {"class_path": "reliability_callbacks.DiskFullOnRank", "init_args": {"rank": 0, "batch": 2}}
+    config = _config(tmp_path / "run", data, devices=2, strategy="ddp", max_epochs=3, logger=False, callbacks=[full])
+    config["data"]["batch_size"] = 2
+    config["save_every_n_steps"] = 2
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
+    result = run_animevq("fit", "--config", str(tmp_path / "ddp.yaml"), cwd=tmp_path, timeout=90)
+    assert result.returncode != 0
+    assert "No space left on device (injected on rank 0)" in result.stderr
+    assert "CheckpointWriteError: another rank failed while writing" in result.stderr  # rank 1's own
+    assert result.seconds < 60 and result.leftover == []
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["animevq"]["batches_seen"] == 2
+    assert not list(checkpoints.glob(".*.tmp"))
+
+
 def _sigterm_run(tmp_path: Path, callbacks: list[dict], devices: int = 2, num_workers: int = 0):
     """A 3-epoch fit on 16 images (batch 2) with ``callbacks``; returns the CLI's result,
     the sorted ``rank batches_seen exception`` rows of each rank that stopped on an

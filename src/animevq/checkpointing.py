@@ -25,12 +25,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .reliability import AgreedSigterm, any_rank, check_free_space, estimate_checkpoint_bytes
 
-__all__ = ["LastCheckpoint", "atomic_replace", "LAST_NAME", "PREVIOUS_NAME"]
+__all__ = ["LastCheckpoint", "CheckpointWriteError", "atomic_replace", "LAST_NAME", "PREVIOUS_NAME"]
 
 log = logging.getLogger(__name__)
 
 LAST_NAME = "last.ckpt"
 PREVIOUS_NAME = "previous.ckpt"  # no "last" in the name: Lightning's "last" lookup must not pick it
+
+
+class CheckpointWriteError(RuntimeError):
+    """Raised on every other rank when one rank failed to write ``last.ckpt``."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -149,14 +153,27 @@ class LastCheckpoint(pl.Callback):
                         "non-finite values; keeping the last good checkpoint", self.path, batches)
             return
         tmp = self.dirpath / f".{LAST_NAME}.tmp"
+        failure: BaseException | None = None
         try:
-            trainer.save_checkpoint(tmp, weights_only=False)  # full training state; rank 0 writes
-        except BaseException:
+            # Trainer.save_checkpoint without its closing barrier: a rank whose write failed
+            # (a full disk, a dead loader worker) never reaches it, and the others would wait
+            # there until the process group times out, 30 minutes later. The agreement below
+            # ends every rank at once instead.
+            with trainer.profiler.profile("save_checkpoint"):
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)  # full state
+                trainer.strategy.save_checkpoint(checkpoint, tmp)  # rank 0 writes
             if trainer.is_global_zero:
-                tmp.unlink(missing_ok=True)  # last.ckpt was never touched
-            raise
-        if trainer.is_global_zero:
-            atomic_replace(tmp, self.path, keep_previous=self.dirpath / PREVIOUS_NAME)
-            log.debug("wrote %s at batch %d", self.path, batches)
-        trainer.strategy.barrier("last_checkpoint")
+                atomic_replace(tmp, self.path, keep_previous=self.dirpath / PREVIOUS_NAME)
+                log.debug("wrote %s at batch %d", self.path, batches)
+        except BaseException as error:
+            failure = error
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)  # last.ckpt is the previous one, whole
+        if any_rank(failure is not None):  # every rank's barrier; on the CPU (reliability.any_rank)
+            if failure is not None:
+                raise failure
+            raise CheckpointWriteError(
+                f"another rank failed while writing {self.path} (its error is in the log); this rank stops "
+                "too. The file still holds the last checkpoint written whole"
+            )
         self._last_saved_batch = batches
