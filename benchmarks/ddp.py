@@ -26,6 +26,7 @@ import lightning.pytorch as pl  # noqa: E402
 from throughput import Profile, StepTimer, SyncDebug  # noqa: E402
 
 from animevq.checkpointing import LastCheckpoint  # noqa: E402
+from animevq.data.datamodule import sigterm_from_parent_only  # noqa: E402
 from animevq.lightning_module import VQVAEModel  # noqa: E402
 from animevq.reliability import HostSigtermCheck  # noqa: E402
 
@@ -75,7 +76,8 @@ def main() -> None:
     n = (a.steps + a.warmup) * a.devices
     data = [torch.rand(a.batch, 3, 256, 256) * 2 - 1 for _ in range(min(n, 16))]
     data = (data * (n // len(data) + 1))[:n]
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=2, pin_memory=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=2, pin_memory=True,
+                                         worker_init_fn=sigterm_from_parent_only)  # as the CLI's loaders
     timer = StepTimer()
     rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0  # Lightning starts ranks > 0 with it set
     extra: list[pl.Callback] = [] if a.lightning_sigterm else [HostSigtermCheck()]
