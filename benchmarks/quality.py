@@ -11,6 +11,11 @@ and perplexity over the whole validation set, and the windowed training usage. A
 the validation codes are split by what their cells show (``animevq.evaluate.CodeTally``):
 perplexity over cells with some drawing, and the share of flat-background cells.
 LPIPS is off unless ``--lpips_vgg_weights`` is given (a random VGG is not perceptual).
+
+``--kmeans_check`` then freezes the encoder and asks what an MSE-optimal codebook for its
+latents looks like: Lloyd's k-means on the latents of ``--kmeans_images`` training images,
+started from the trained codebook and from k-means++ seeds, each scored on the validation
+latents (quantisation error, usage, perplexity) beside the trained codebook.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from animevq.data import AnimeDataModule  # noqa: E402
 from animevq.evaluate import CodeTally  # noqa: E402
 from animevq.lightning_module import VQVAEModel  # noqa: E402
+from animevq.nn.quantizer import lloyd, nearest_code  # noqa: E402
 
 
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -76,6 +82,65 @@ def tally_codes(model: VQVAEModel, loader, device: torch.device) -> dict[str, fl
     return tally.report()
 
 
+@torch.no_grad()
+def lookup_latents(model: VQVAEModel, loader, device: torch.device, limit: int | None = None):
+    """[(B,h,w,D) float32 latents as the quantiser compares them, (B,C,H,W) images in [0,1])] of
+    the loader's batches, up to ``limit`` images."""
+    out, seen = [], 0
+    model = model.to(device).eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for batch in loader:
+            x = VQVAEModel.images_of(batch).to(device)
+            out.append((model.quantizer._prepare(model.quant_conv(model.encoder(x))), (x.float() + 1) / 2))
+            seen += x.shape[0]
+            if limit is not None and seen >= limit:
+                break
+    return out
+
+
+@torch.no_grad()
+def score_codebook(codes: torch.Tensor, val: list) -> dict[str, float]:
+    """Mean squared quantisation error per vector and ``CodeTally``'s report over validation latents."""
+    tally = CodeTally(codes.shape[0])
+    error, count = 0.0, 0
+    for z, x01 in val:
+        flat = z.reshape(-1, z.shape[-1])
+        indices = nearest_code(flat, codes)
+        error += float((flat - codes[indices]).pow(2).sum())
+        count += flat.shape[0]
+        tally.update(indices.view(z.shape[:-1]), x01)
+    return {"quantisation_error": error / count, **tally.report()}
+
+
+def kmeans_check(model: VQVAEModel, data: AnimeDataModule, device: torch.device, images: int,
+                 iters: int) -> dict[str, dict[str, float]]:
+    """The trained codebook against Lloyd's k-means codebooks for the same frozen encoder."""
+    train = torch.cat([z.reshape(-1, z.shape[-1]) for z, _ in
+                       lookup_latents(model, data.train_dataloader(), device, images)])
+    val = lookup_latents(model, data.val_dataloader(), device)
+    quantizer = model.quantizer
+    trained = quantizer.embedding.detach().float().clone()
+    torch.manual_seed(0)
+    pool = train[torch.randperm(train.shape[0], device=train.device)[: 64 * quantizer.num_embeddings]]
+    seeds = quantizer._kmeans_pp_seeds(pool)
+    unit = quantizer.l2_normalize
+    results = {
+        "trained codebook": trained,
+        f"k-means from it ({iters} iterations)": lloyd(train, trained, iters, l2_normalize=unit),
+        f"k-means from k-means++ seeds ({iters} iterations)": lloyd(train, seeds, iters, l2_normalize=unit),
+    }
+    print(f"\nk-means check: {train.shape[0]:,} training vectors of {images} images, "
+          f"{sum(z[..., 0].numel() for z, _ in val):,} validation vectors")
+    scores = {}
+    for name, codes in results.items():
+        scores[name] = score_codebook(codes, val)
+        r = scores[name]
+        print(f"{name:>44}: error {r['quantisation_error']:.4g}, usage {r['code_usage_rate']:.3f}, "
+              f"perplexity {r['perplexity']:.1f}, foreground perplexity {r['foreground_perplexity']:.1f}, "
+              f"background codes {r['background_codes_used']}")
+    return scores
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     with path.open() as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
@@ -104,6 +169,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="initial weights (the split and batch order stay fixed)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any other VQVAEModel argument, a Python literal (repeatable)")
+    p.add_argument("--kmeans_check", action="store_true",
+                   help="score k-means codebooks for the trained encoder's latents beside the trained one")
+    p.add_argument("--kmeans_images", type=int, default=3200, help="training images for --kmeans_check")
+    p.add_argument("--kmeans_iters", type=int, default=30)
     a = p.parse_args()
     overrides = {}
     for item in a.set:
@@ -156,6 +225,8 @@ def main() -> None:
     summary = {"name": a.name, "batches": model.batches_seen, "seconds": seconds, "val": val, "codes": codes,
                "sharpness": sharpness.rows,
                "train_usage": [(r["step"], r["train/code_usage_rate"], r["train/perplexity"]) for r in train]}
+    if a.kmeans_check:
+        summary["kmeans_check"] = kmeans_check(model, data, device, a.kmeans_images, a.kmeans_iters)
     (a.out / f"{a.name}.json").write_text(json.dumps(summary))
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from animevq.nn.quantizer import VectorQuantizerEMA, code_counts, code_stats, nearest_code
+from animevq.nn.quantizer import VectorQuantizerEMA, code_counts, code_stats, lloyd, nearest_code
 
 
 def brute_force_argmin(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -210,6 +210,20 @@ def test_kmeans_init_places_codes_on_the_data_clusters() -> None:
     before = vq.codebook.clone()
     vq.eval()(z)
     assert torch.equal(before, vq.codebook)  # initialised once, never again
+
+
+def test_lloyd_moves_codes_to_their_cluster_means_and_leaves_unpicked_codes() -> None:
+    vectors = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0], [10.0, 12.0]])
+    codes = torch.tensor([[1.0, 1.0], [9.0, 9.0], [-50.0, 0.0]])  # the third is nearest to nothing
+    out = lloyd(vectors, codes, iters=3)
+    assert torch.equal(out, torch.tensor([[1.0, 0.0], [10.0, 11.0], [-50.0, 0.0]]))
+    assert torch.equal(codes[0], torch.tensor([1.0, 1.0]))  # the input is not modified
+    # One step moves a code to its cluster's mean, which can change the next assignment.
+    chain = torch.tensor([[0.0], [1.0], [4.0], [5.0]])
+    assert torch.equal(lloyd(chain, torch.tensor([[0.0], [1.0]]), iters=1), torch.tensor([[0.0], [10.0 / 3]]))
+    assert torch.equal(lloyd(chain, torch.tensor([[0.0], [1.0]]), iters=3), torch.tensor([[0.5], [4.5]]))
+    unit = lloyd(torch.randn(50, 3) * 4, torch.randn(5, 3), iters=2, l2_normalize=True)
+    assert torch.allclose(unit.norm(dim=1), torch.ones(5), atol=1e-6)
 
 
 def test_l2_normalized_codes_stay_unit_length() -> None:

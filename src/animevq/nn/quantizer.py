@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantizerOutput", "VectorQuantizerEMA", "nearest_code", "code_counts", "code_stats"]
+__all__ = ["QuantizerOutput", "VectorQuantizerEMA", "nearest_code", "code_counts", "code_stats", "lloyd"]
 
 DISTANCE_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of float32 distances per chunk, any K
 LAPLACE_EPS = 1e-5  # VQ-VAE's EMA smoothing ε; survives float32 sums of K=65,536 codes
@@ -91,6 +91,22 @@ def code_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     p = counts / counts.sum().clamp_min(1.0)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
     return entropy.exp(), (counts > 0).float().mean()
+
+
+@torch.no_grad()
+def lloyd(vectors: torch.Tensor, codes: torch.Tensor, iters: int, *, l2_normalize: bool = False) -> torch.Tensor:
+    """Lloyd's k-means on (N,D) ``vectors`` from (K,D) ``codes`` → new (K,D) codes; a code
+    that no vector picks stays where it is. With ``l2_normalize`` the codes stay unit vectors."""
+    codes = codes.clone()
+    for _ in range(iters):
+        assign = nearest_code(vectors, codes)
+        n = code_counts(assign, codes.shape[0])
+        s = torch.zeros_like(codes).index_add_(0, assign, vectors)
+        used = n > 0
+        codes[used] = s[used] / n[used].unsqueeze(1)
+        if l2_normalize:
+            codes = F.normalize(codes, dim=1, eps=L2_EPS)
+    return codes
 
 
 _MIX = (0xFF51AFD7ED558CCD - (1 << 64), 0xC4CEB9FE1A85EC53 - (1 << 64))  # MurmurHash3 fmix64
@@ -354,15 +370,7 @@ class VectorQuantizerEMA(nn.Module):
     def _kmeans_init(self, flat: torch.Tensor) -> None:
         """Lloyd's k-means on the first (global) batch, from k-means++ seeds."""
         pool = self._global_vectors(flat)
-        codes = self._kmeans_pp_seeds(pool)
-        for _ in range(self.kmeans_iters):
-            assign = nearest_code(pool, codes)
-            n = code_counts(assign, self.num_embeddings)
-            s = torch.zeros_like(codes).index_add_(0, assign, pool)
-            used = n > 0
-            codes[used] = s[used] / n[used].unsqueeze(1)
-            if self.l2_normalize:
-                codes = F.normalize(codes, dim=1, eps=L2_EPS)
+        codes = lloyd(pool, self._kmeans_pp_seeds(pool), self.kmeans_iters, l2_normalize=self.l2_normalize)
         self.embedding.copy_(codes)
         self.cluster_size.fill_(1.0)
         self.embed_sum.copy_(codes)
