@@ -74,7 +74,10 @@ class LastCheckpoint(pl.Callback):
     The save due on an epoch's last batch waits for the epoch end (after validation), so
     a resume never repeats or skips that validation. On SIGTERM (Lightning sets
     ``trainer.received_sigterm``) the checkpoint is written at the end of the current batch,
-    or, if the signal came during validation, when Lightning stops the run.
+    or, if the signal came during validation, when Lightning stops the run; with
+    ``HostSigtermCheck``, when every rank raises ``AgreedSigterm``. Under DDP a write that
+    fails on one rank ends every rank: that one with its error, the others with
+    :class:`CheckpointWriteError`.
     """
 
     def __init__(self, dirpath: str | os.PathLike[str], every_n_steps: int = 1000) -> None:
