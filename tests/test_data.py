@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +181,37 @@ def test_loader_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     # Fewer images than a batch: the partial batch is kept rather than an empty epoch.
     few = AnimeDataModule(str(tmp_path), batch_size=64, val_split=0.0, image_size=S, num_workers=0)
     assert [len(batch) for batch in few.train_dataloader()] == [6]
+
+
+# Run in its own interpreter: the fork hook must not reach pytest's other processes.
+WORKERS_UNDER_FIRE = r"""
+import os, subprocess, sys, threading, time
+import torch
+from animevq.data.datamodule import sigterm_from_parent_only
+
+# As some libraries do: a thread started in every forked child, before worker_init_fn runs.
+os.register_at_fork(after_in_child=lambda: threading.Thread(target=time.sleep, args=(3600,), daemon=True).start())
+loader = torch.utils.data.DataLoader([torch.zeros(2)] * 1000, batch_size=None, num_workers=2,
+                                     worker_init_fn=sigterm_from_parent_only)
+batches = iter(loader)
+for _ in range(4):
+    next(batches)  # both workers are running, past worker_init_fn
+pids = [worker.pid for worker in batches._workers]
+# 20 SIGTERMs to each worker from another process, as `timeout` or a scheduler send them.
+sender = "import os, signal, time\nfor _ in range(20):\n    [os.kill(p, signal.SIGTERM) for p in %r]\n    time.sleep(0.02)"
+subprocess.run([sys.executable, "-c", sender % pids], check=True)
+print("batches", 4 + sum(1 for _ in batches))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the guard is a no-op without sigwaitinfo")
+def test_loader_workers_survive_sigterm_from_others_with_a_thread_started_at_fork() -> None:
+    # The worker's main thread blocks SIGTERM, but a thread started in the fork before that
+    # could still take the signal, and PyTorch's worker handler would end the worker: the
+    # loader then raised "DataLoader worker (pid N) is killed by signal: Terminated".
+    done = subprocess.run([sys.executable, "-c", WORKERS_UNDER_FIRE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["batches", "1000"]
 
 
 def test_missing_and_empty_folders_name_the_path(tmp_path: Path) -> None:

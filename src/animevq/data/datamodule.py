@@ -52,6 +52,10 @@ def sigterm_from_parent_only(worker_id: int) -> None:
         return
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    # A mask is per thread. A thread that a library started in the fork, before this call,
+    # still takes SIGTERM, and PyTorch's worker handler then ends the worker. Ignored, such
+    # a delivery is dropped; a blocked signal is still queued for the wait below.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def wait() -> None:
         while True:
