@@ -71,18 +71,6 @@ class Sharpness(pl.Callback):
 
 
 @torch.no_grad()
-def tally_codes(model: VQVAEModel, loader, device: torch.device) -> dict[str, float]:
-    """Code histograms of the validation set, as validation computes its codes (bf16 on a GPU)."""
-    tally = CodeTally(model.quantizer.num_embeddings)
-    model = model.to(device).eval()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for batch in loader:
-            x = VQVAEModel.images_of(batch).to(device)
-            tally.update(model.quantize(x).indices, (x.float() + 1) / 2)
-    return tally.report()
-
-
-@torch.no_grad()
 def lookup_latents(model: VQVAEModel, loader, device: torch.device, limit: int | None = None):
     """[(B,h,w,D) float32 latents as the quantiser compares them, (B,C,H,W) images in [0,1])] of
     the loader's batches, up to ``limit`` images."""
@@ -112,12 +100,12 @@ def score_codebook(codes: torch.Tensor, val: list) -> dict[str, float]:
     return {"quantisation_error": error / count, **tally.report()}
 
 
-def kmeans_check(model: VQVAEModel, data: AnimeDataModule, device: torch.device, images: int,
+def kmeans_check(model: VQVAEModel, data: AnimeDataModule, val: list, device: torch.device, images: int,
                  iters: int) -> dict[str, dict[str, float]]:
-    """The trained codebook against Lloyd's k-means codebooks for the same frozen encoder."""
+    """The trained codebook against Lloyd's k-means codebooks for the same frozen encoder,
+    scored on ``val`` (``lookup_latents`` of the validation set)."""
     train = torch.cat([z.reshape(-1, z.shape[-1]) for z, _ in
                        lookup_latents(model, data.train_dataloader(), device, images)])
-    val = lookup_latents(model, data.val_dataloader(), device)
     quantizer = model.quantizer
     trained = quantizer.embedding.detach().float().clone()
     torch.manual_seed(0)
@@ -219,14 +207,16 @@ def main() -> None:
         print(f"train (last {model.hparams.usage_window} batches): usage {last['train/code_usage_rate']:.3f}, "
               f"perplexity {last['train/perplexity']:.1f}")
     device = torch.device("cuda" if a.accelerator == "gpu" else "cpu")
-    codes = tally_codes(model, data.val_dataloader(), device)
+    # The validation codes as validation computes them (bf16 on a GPU), kept for --kmeans_check.
+    val_latents = lookup_latents(model, data.val_dataloader(), device)
+    codes = score_codebook(model.quantizer.embedding.detach().float(), val_latents)
     print("validation codes: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in codes.items()))
     summary = {"name": a.name, "batches": model.batches_seen, "seconds": seconds, "val": val, "codes": codes,
                "sharpness": sharpness.rows,
                "train_usage": [(r["step"], r["train/code_usage_rate"], r["train/perplexity"]) for r in train]}
     if a.kmeans_check:
-        summary["kmeans_check"] = kmeans_check(model, data, device, a.kmeans_images, a.kmeans_iters)
+        summary["kmeans_check"] = kmeans_check(model, data, val_latents, device, a.kmeans_images, a.kmeans_iters)
     (a.out / f"{a.name}.json").write_text(json.dumps(summary))
 
 
