@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's src/ imp
     _root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(_root / "src"))
 
-from animevq.lightning_module import VQVAEModel, VQVAEOutput  # noqa: E402
+from animevq.train.module import VQVAEModel, VQVAEOutput  # noqa: E402
 from animevq.nn import LPIPS, Decoder, Encoder, ResBlock, VectorQuantizerEMA  # noqa: E402
 
 __all__ = ["ResBlock", "Encoder", "Decoder", "VectorQuantizerEMA", "LPIPS", "VQVAEModel", "VQVAEOutput"]
@@ -28,7 +28,7 @@ SELF_TEST_CONFIG = dict(  # the seed's 4-stage layout at a fraction of its width
     num_res_blocks=1,
     num_embeddings=64,
     embedding_dim=32,
-    lpips_random_init=True,  # no pretrained VGG16 needed: LPIPS values are not meaningful
+    losses={"lpips_random_init": True},  # no pretrained VGG16 needed: LPIPS values are not meaningful
 )
 
 
@@ -60,7 +60,7 @@ def self_test() -> int:
              + hp.lambda_commit * out.commitment_loss + hp.lambda_perc * out.perc_loss)
     check("total = λ_rec·L1 + λ_vq·vq + λ_commit·commit + λ_perc·LPIPS", torch.allclose(out.total_loss, total))
     out.total_loss.backward()
-    grad = model.encoder.stem.weight.grad
+    grad = model.tokenizer.encoder.stem.weight.grad
     check("gradients reach the encoder (straight-through)", grad is not None and grad.abs().sum() > 0)
 
     model.eval()

@@ -2,9 +2,11 @@
 
 Public API::
 
-    from animevq import VQVAEModel, AnimeDataModule, SwanLabLogger
+    from animevq import VQVAEModel, AnimeDataModule, SwanLabLogger   # training
+    from animevq import Tokenizer                                    # images <-> codes, pure PyTorch
 
-Names resolve on first use, so ``import animevq.nn`` stays free of Lightning.
+Names resolve on first use, so ``import animevq.nn`` (and ``animevq.Tokenizer``) stays free
+of Lightning.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AnimeDataModule": "animevq.data",
-    "VQVAEModel": "animevq.lightning_module",
-    "VQVAEOutput": "animevq.lightning_module",
+    "VQVAEModel": "animevq.train.module",
+    "VQVAEOutput": "animevq.train.module",
+    "ModelConfig": "animevq.config",
+    "Tokenizer": "animevq.nn",
+    "TokenizerConfig": "animevq.nn",
+    "VQConfig": "animevq.nn",
     "ResBlock": "animevq.nn",
     "Encoder": "animevq.nn",
     "Decoder": "animevq.nn",

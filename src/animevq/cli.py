@@ -20,28 +20,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonargparse
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .checkpointing import LAST_NAME, PREVIOUS_NAME, LastCheckpoint
+from .config import ModelConfig
 from .data import AnimeDataModule, DataReport
-from .lightning_module import VQVAEModel
-from .reliability import EXIT_SIGTERM, ExactResume, HostSigtermCheck, verify_checkpoint
+from .runs.checkpoint_io import safe_torch_load, verify_checkpoint
+from .runs.last import LAST_NAME, PREVIOUS_NAME, LastCheckpoint
+from .runs.resume import ExactResume
+from .runs.sigterm import EXIT_SIGTERM, HostSigtermCheck
+from .tools import TOOLS
+from .train.module import VQVAEModel
 
 __all__ = ["AnimeVQCLI", "main"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = "runs/animevq"
-TOOLS = {  # commands of our own, beside Lightning's fit/validate/test/predict
-    "evaluate": "animevq.evaluate",
-    "encode": "animevq.tokenize",
-    "decode": "animevq.tokenize",
-    "reconstruct": "animevq.tokenize",
-    "export": "animevq.export",
-    "prepare": "animevq.data.prepare",
-}
 
 
 class AnimeVQCLI(LightningCLI):
@@ -74,6 +71,20 @@ class AnimeVQCLI(LightningCLI):
         )
         parser.link_arguments("run_dir", "checkpoint.dirpath", compute_fn=lambda d: str(Path(d) / "checkpoints"))
         parser.link_arguments("run_dir", "trainer.default_root_dir")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's merge of a checkpoint's hyperparameters into the config (for
+        ``--ckpt_path FILE``), with those of animevq 0.1 (all flat) moved into their groups."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        hparams = safe_torch_load(ckpt_path).get("hyper_parameters", {})
+        if not hparams:
+            return
+        hparams = ModelConfig.from_hparams(hparams).to_hparams()
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in TOOLS:
         import importlib
 
-        module = importlib.import_module(TOOLS[argv[0]])
+        module = importlib.import_module(TOOLS[argv[0]][0])
         raise SystemExit(module.main(argv))
     try:
         # LightningCLI reads sys.argv itself, and warns when also handed the same arguments.
@@ -157,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run_cli(argv: list[str] | None) -> None:
+    # The config dataclasses document each field in a docstring below it: show them in --help.
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     AnimeVQCLI(
         VQVAEModel,
         AnimeDataModule,

@@ -24,6 +24,7 @@ from animevq.data.images import (
 from animevq.data.prepare import PrepareOptions, PrepareResult, prepare_folder
 from animevq.data.prepared import PreparedDataset, PreparedFolder, is_prepared, read_prepared
 from animevq.data.report import DataReport
+from animevq.data.resumable import LoaderPosition, ResumableDataLoader, make_resumable
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -33,10 +34,12 @@ __all__ = [
     "EpochSampler",
     "ImageFolderDataset",
     "ImageSkipped",
+    "LoaderPosition",
     "PrepareOptions",
     "PrepareResult",
     "PreparedDataset",
     "PreparedFolder",
+    "ResumableDataLoader",
     "SampleKey",
     "SkipLedger",
     "SkipReason",
@@ -47,6 +50,7 @@ __all__ = [
     "find_images",
     "is_prepared",
     "load_image",
+    "make_resumable",
     "prepare_folder",
     "read_prepared",
     "resize_box",

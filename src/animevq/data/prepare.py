@@ -1,8 +1,6 @@
-"""``animevq prepare SRC DST``: decode a folder of images once into the prepared format
-(:mod:`animevq.data.prepared`) that :class:`~animevq.data.AnimeDataModule` reads without
-decoding.
-
-    animevq prepare data/illustrations data/illustrations-256 --size 256 --workers 16
+"""Decode a folder of images once into the prepared format (:mod:`animevq.data.prepared`)
+that :class:`~animevq.data.AnimeDataModule` reads without decoding (``animevq prepare``,
+:mod:`animevq.tools.prepare`).
 
 Files are decoded in parallel by the robust loader of :mod:`animevq.data.images`; files
 it refuses are listed in the manifest with their reason. Everything is written into
@@ -13,12 +11,10 @@ a crash, a lost node) resumes from its last finished shard when run again.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -258,49 +254,3 @@ def _publish(tmp: Path, dst: Path) -> None:
         os.replace(dst, old)  # dst is gone for a moment only; tmp is complete by now
     os.replace(tmp, dst)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def main(argv: Sequence[str]) -> int:
-    """``animevq prepare SRC DST [--size 256] [--workers N] [--shard_size_mb 1024]``."""
-    parser = argparse.ArgumentParser(
-        prog="animevq prepare",
-        description="Decode a folder of images once into a fast-loading prepared folder "
-        "(resized to the training size, validated, bad files reported) for data_dir.",
-    )
-    add = parser.add_argument
-    add("src", help="folder of images (searched recursively)")
-    add("dst", help="new folder to write; pass it as data_dir afterwards")
-    add("--size", type=int, default=256, help="stored short side; train at image_size <= size")
-    add("--max_aspect", type=float, default=2.0, help="longest stored side / size")
-    add("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
-    add("--shard_size_mb", type=float, default=1024.0, help="size of each shard file")
-    add("--min_image_size", type=int, default=DEFAULT_MIN_SIDE, help="skip smaller images")
-    add("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger ones")
-    add("--overwrite", action="store_true", help="replace a prepared DST")
-    add("--no_progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(list(argv)[1:])
-    options = PrepareOptions(args.size, args.max_aspect, args.min_image_size, args.max_image_pixels)
-    try:
-        result = prepare_folder(
-            args.src, args.dst, options, workers=args.workers, overwrite=args.overwrite,
-            shard_bytes=max(1, int(args.shard_size_mb * MEGABYTE)), progress=not args.no_progress,
-        )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"animevq prepare: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("animevq prepare: interrupted; run the same command again to resume",
-              file=sys.stderr)
-        return 130
-    if result.already_prepared:
-        print(f"{result.dst} already holds {result.num_images} images prepared from "
-              f"{args.src} with these settings; nothing to do (--overwrite rebuilds it)")
-        return 0
-    done = result.num_images + result.skipped.total - result.resumed
-    resumed = f", resumed after {result.resumed} files" if result.resumed else ""
-    print(f"prepared {result.num_images} images (short side {options.size}) into {result.dst}: "
-          f"{result.num_shards} shard(s), {result.num_bytes / 1e9:.2f} GB, "
-          f"{result.seconds:.1f} s ({done / max(result.seconds, 1e-9):.0f} files/s){resumed}")
-    if result.skipped.total:
-        print(result.skipped.message(when="(listed in manifest.json)", max_examples=5))
-    return 0

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .blocks import Downsample, ResBlock, Upsample
+from .config import TokenizerConfig as _D  # the one place of the defaults below
 
 __all__ = ["Encoder", "Decoder", "Chain"]
 
@@ -38,10 +39,10 @@ class Encoder(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        channels: Sequence[int] = (128, 256, 256, 256),
-        num_res_blocks: int = 2,
-        latent_channels: int = 256,
+        in_channels: int = _D.in_channels,
+        channels: Sequence[int] = _D.encoder_channels,
+        num_res_blocks: int = _D.num_res_blocks,
+        latent_channels: int = _D.latent_channels,
         *,
         stem_channels: int | None = None,
     ) -> None:
@@ -77,10 +78,10 @@ class Decoder(nn.Module):
 
     def __init__(
         self,
-        out_channels: int = 3,
-        channels: Sequence[int] = (256, 256, 256, 128),
-        num_res_blocks: int = 2,
-        latent_channels: int = 256,
+        out_channels: int = _D.in_channels,
+        channels: Sequence[int] = _D.decoder_channels,
+        num_res_blocks: int = _D.num_res_blocks,
+        latent_channels: int = _D.latent_channels,
         *,
         head_channels: int = HEAD_CHANNELS,
     ) -> None:

@@ -1,13 +1,15 @@
-"""Reading image folders in batches and the shared plumbing of the ``animevq`` tools
-(encode, decode, reconstruct, evaluate): devices, precision, progress bars, output folders."""
+"""The shared plumbing of the ``animevq`` tools (encode, decode, reconstruct, evaluate, export,
+prepare): reading image folders in batches, devices, precision, progress bars, output folders,
+and :func:`run_tool`, the one way a tool reports an error."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import (
+from ..data import (
     IMAGE_EXTENSIONS,
     ImageSkipped,
     SkipReason,
@@ -166,6 +168,30 @@ def error_message(error: BaseException) -> str:
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return f"{str(error).splitlines()[0]} (lower --batch_size)"
     return str(error)
+
+
+# What a user can cause and fix (a bad path, a full disk, an unusable file or setting): one
+# line, no traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def run_tool(command: str, work: Callable[[], str | None], *, interrupted: str | None = None) -> int:
+    """Run ``animevq <command>``'s work: its summary on stdout and status 0, or a user error as
+    ``animevq <command>: error: …`` on stderr and status 1 (130 for Ctrl-C when ``interrupted``
+    says what to do then)."""
+    try:
+        summary = work()
+    except USER_ERRORS as error:
+        print(f"animevq {command}: error: {error_message(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"animevq {command}: interrupted; {interrupted}", file=sys.stderr)
+        return 130
+    if summary:
+        print(summary)
+    return 0
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, image_size: bool = True, workers: bool = True) -> None:

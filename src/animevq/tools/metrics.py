@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from ..runs.checkpoint_io import safe_torch_load
+
 __all__ = [
     "FID_WEIGHTS_FILE",
     "FIDWeightsMissing",
@@ -171,8 +173,6 @@ class ReconstructionFID:
 
     @staticmethod
     def _from_file(path: Path, feature: int, fid_class: type) -> nn.Module:
-        from .checkpoint import safe_torch_load
-
         state = safe_torch_load(path, what="--fid_weights file")  # raises CheckpointError for pickled payloads
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise ValueError(f"--fid_weights {path} is not a state dict of tensors (torch-fidelity's Inception-v3)")

@@ -1,4 +1,5 @@
-"""Vector quantiser with an exponential-moving-average codebook (SPEC §3).
+"""VQ-EMA: a nearest-neighbour quantiser whose codebook follows an exponential moving
+average of its assigned vectors (SPEC §3).
 
 References: van den Oord et al. 2017 (VQ-VAE, eq. 3 and appendix A.1 for the EMA
 update); Razavi et al. 2019 (VQ-VAE-2); Dhariwal et al. 2020 (Jukebox, dead-code
@@ -10,103 +11,25 @@ Shapes: B batch, D code dimension, h×w latent grid, N = B·h·w vectors, K code
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
-__all__ = ["QuantizerOutput", "VectorQuantizerEMA", "nearest_code", "code_counts", "code_stats", "lloyd"]
+from ..config import VQConfig
+from .base import Quantizer, QuantizerOutput, QuantizerStats, code_counts, code_stats
+from .kmeans import L2_EPS, lloyd, nearest_code
 
-DISTANCE_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of float32 distances per chunk, any K
+__all__ = ["VectorQuantizerEMA"]
+
 LAPLACE_EPS = 1e-5  # VQ-VAE's EMA smoothing ε; survives float32 sums of K=65,536 codes
-L2_EPS = 1e-6  # float16-safe floor for vector norms
-RESTART_SAMPLING = ("error", "uniform")
 UNIFORM_BITS = 30  # resolution of the uniform draws that pick error-weighted restart vectors
-
-
-class QuantizerOutput(NamedTuple):
-    """What one quantiser call returns."""
-
-    z_q: torch.Tensor  # (B,D,h,w) quantised vectors, straight-through to z_e
-    indices: torch.Tensor  # (B,h,w) int64 code indices in [0,K)
-    loss: torch.Tensor  # vq_loss + commitment_cost·commitment_loss (standalone use)
-    vq_loss: torch.Tensor  # mse(z_q, sg[z_e]); trains the codebook only when decay = 0
-    commitment_loss: torch.Tensor  # mse(z_e, sg[z_q]); pulls the encoder to its codes
-    perplexity: torch.Tensor  # exp(entropy) of this batch's code histogram
-    code_usage_rate: torch.Tensor  # fraction of the K codes used by this batch
-    counts: torch.Tensor  # (K,) float32 histogram of this batch's codes
-    restarted: torch.Tensor  # number of dead codes restarted by this call (int64)
+_D = VQConfig  # the one place of the defaults below
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@contextlib.contextmanager
-def _full_float32() -> Iterator[None]:
-    """Keep CUDA matmuls in true float32 (no TF32, 10-bit mantissa) while picking codes:
-    close distances must rank as they would in float32 even if a run enabled TF32."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk_elements: int = DISTANCE_CHUNK_ELEMENTS) -> torch.Tensor:
-    """Index of the nearest code by squared L2 distance, in float32, in row chunks.
-
-    z: (N,D), codebook: (K,D) → (N,) int64. ‖z‖² is constant per row, so the argmin
-    only needs ‖e‖² − 2 z·e; chunking keeps at most ``chunk_elements`` distances alive.
-    """
-    with torch.autocast(device_type=z.device.type, enabled=False), _full_float32():
-        z, e = z.float(), codebook.float()
-        e_sq = (e * e).sum(dim=1)  # (K,)
-        rows = max(1, chunk_elements // max(1, e.shape[0]))
-        out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-        for start in range(0, z.shape[0], rows):
-            chunk = z[start : start + rows]
-            dist_ = torch.addmm(e_sq.unsqueeze(0), chunk, e.t(), beta=1.0, alpha=-2.0)  # (n,K)
-            out[start : start + rows] = dist_.argmin(dim=1)
-        return out
-
-
-def code_counts(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
-    """(K,) float32 histogram of code indices. Unlike ``torch.bincount``, which reads the
-    largest index back to the host on CUDA, this never waits for the GPU; float32 holds
-    every count exactly up to 2**24 vectors per batch."""
-    flat = indices.reshape(-1)
-    ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
-    return torch.zeros(num_embeddings, dtype=torch.float32, device=flat.device).scatter_add_(0, flat, ones)
-
-
-def code_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Perplexity exp(H(p)) and the used fraction of a (K,) code histogram."""
-    counts = counts.float()
-    p = counts / counts.sum().clamp_min(1.0)
-    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    return entropy.exp(), (counts > 0).float().mean()
-
-
-@torch.no_grad()
-def lloyd(vectors: torch.Tensor, codes: torch.Tensor, iters: int, *, l2_normalize: bool = False) -> torch.Tensor:
-    """Lloyd's k-means on (N,D) ``vectors`` from (K,D) ``codes`` → new (K,D) codes; a code
-    that no vector picks stays where it is. With ``l2_normalize`` the codes stay unit vectors."""
-    codes = codes.clone()
-    for _ in range(iters):
-        assign = nearest_code(vectors, codes)
-        n = code_counts(assign, codes.shape[0])
-        s = torch.zeros_like(codes).index_add_(0, assign, vectors)
-        used = n > 0
-        codes[used] = s[used] / n[used].unsqueeze(1)
-        if l2_normalize:
-            codes = F.normalize(codes, dim=1, eps=L2_EPS)
-    return codes
 
 
 _MIX = (0xFF51AFD7ED558CCD - (1 << 64), 0xC4CEB9FE1A85EC53 - (1 << 64))  # MurmurHash3 fmix64
@@ -121,55 +44,38 @@ def _hash_draw(step: torch.Tensor, seed: int, count: int, high: int) -> torch.Te
     return (x ^ (x >> 33)).remainder(high)
 
 
-class VectorQuantizerEMA(nn.Module):
+class VectorQuantizerEMA(Quantizer):
     """Nearest-neighbour quantiser whose codebook follows an EMA of its assigned vectors.
 
-    Args:
-        num_embeddings: K, the codebook size.
-        embedding_dim: D, the dimension of each code.
-        commitment_cost: β weighting the commitment term in ``loss`` when the quantiser is
-            used on its own (the VQ-VAE model weights the two terms itself).
-        decay: EMA decay γ; 0 trains the codebook by gradient through ``vq_loss`` instead.
-        eps: Laplace smoothing ε of the EMA counts.
-        restart_dead_codes: replace codes whose EMA count falls below
-            ``dead_code_threshold`` × the mean count by encoder vectors drawn from the
-            current (global) batch; keeps usage near 100 % (Jukebox, Dhariwal et al. 2020).
-        dead_code_threshold: fraction of the mean EMA count under which a code is dead.
-        restart_sampling: how restart vectors are drawn from the global batch: ``"error"``
-            with probability ∝ their squared distance to their code (k-means++'s rule:
-            new codes go where the codebook fits worst, not onto plain page that is
-            already well coded), or ``"uniform"``.
-        kmeans_init: initialise the codebook by k-means on the first training batch
-            (global under DDP); helps large K converge fast.
-        l2_normalize: compare unit vectors (cosine similarity, ViT-VQGAN); steadier usage
-            for large K, at the cost of discarding vector norms.
-        seed: base seed of the restart sampler, identical on every rank.
+    The arguments are :class:`~animevq.nn.config.VQConfig`'s fields (see there), with
+    ``l2_normalize`` for its ``l2_normalize_codes``; :meth:`from_config` builds one from
+    that config. ``eps`` is the Laplace smoothing ε of the EMA counts.
     """
 
     def __init__(
         self,
-        num_embeddings: int = 1024,
-        embedding_dim: int = 256,
-        commitment_cost: float = 0.25,  # VQ-VAE paper's β
-        decay: float = 0.99,  # VQ-VAE paper; smaller values let codes jitter between batches
+        num_embeddings: int = _D.num_embeddings,
+        embedding_dim: int = _D.embedding_dim,
+        commitment_cost: float = _D.commitment_cost,
+        decay: float = _D.decay,
         eps: float = LAPLACE_EPS,
         *,
-        restart_dead_codes: bool = True,
-        dead_code_threshold: float = 0.125,  # a code used 8× less than average is dead
-        restart_sampling: str = "error",
-        kmeans_init: bool = False,
-        kmeans_iters: int = 10,
-        l2_normalize: bool = False,
-        seed: int = 0,
+        restart_dead_codes: bool = _D.restart_dead_codes,
+        dead_code_threshold: float = _D.dead_code_threshold,
+        restart_sampling: str = _D.restart_sampling,
+        kmeans_init: bool = _D.kmeans_init,
+        kmeans_iters: int = _D.kmeans_iters,
+        l2_normalize: bool = _D.l2_normalize_codes,
+        seed: int = _D.seed,
     ) -> None:
         super().__init__()
-        if num_embeddings < 1 or embedding_dim < 1:
-            raise ValueError(f"num_embeddings and embedding_dim must be positive, got {num_embeddings}, {embedding_dim}")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if restart_sampling not in RESTART_SAMPLING:
-            raise ValueError(f"restart_sampling must be one of {RESTART_SAMPLING}, got {restart_sampling!r}")
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.config = VQConfig(  # validates every setting
+            num_embeddings=num_embeddings, embedding_dim=embedding_dim, commitment_cost=commitment_cost,
+            decay=decay, restart_dead_codes=restart_dead_codes, dead_code_threshold=dead_code_threshold,
+            restart_sampling=restart_sampling, kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
+            l2_normalize_codes=l2_normalize, seed=seed,
+        )
+        self.num_embeddings, self._embedding_dim = num_embeddings, embedding_dim
         self.commitment_cost, self.decay, self.eps = commitment_cost, decay, eps
         self.restart_dead_codes, self.dead_code_threshold = restart_dead_codes, dead_code_threshold
         self.restart_sampling = restart_sampling
@@ -182,21 +88,36 @@ class VectorQuantizerEMA(nn.Module):
         if decay > 0:
             self.register_buffer("embedding", init)
         else:
-            self.embedding = nn.Parameter(init)
+            self.embedding = torch.nn.Parameter(init)
         # EMA statistics (float32 buffers): N starts at 1 and m at the codes, so a code no
         # vector picks keeps its place (taming starts N at 0: unused codes blow up by 1/ε).
         self.register_buffer("cluster_size", torch.ones(num_embeddings))
         self.register_buffer("embed_sum", init.clone())
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
-        self._kmeans_checked = False
+        self._kmeans_checked = False  # host-side: `initialized` was read once (one sync)
+
+    @classmethod
+    def from_config(cls, config: VQConfig) -> VectorQuantizerEMA:
+        options = {f: getattr(config, f) for f in ("restart_dead_codes", "dead_code_threshold", "restart_sampling",
+                                                     "kmeans_init", "kmeans_iters", "seed")}
+        return cls(config.num_embeddings, config.embedding_dim, config.commitment_cost, config.decay,
+                   l2_normalize=config.l2_normalize_codes, **options)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self._embedding_dim
 
     @property
     def codebook(self) -> torch.Tensor:
         """The (K,D) codebook."""
         return self.embedding
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for indices: (B,h,w) → (B,D,h,w)."""
         if indices.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"indices must be integer, got {indices.dtype}")
@@ -209,7 +130,7 @@ class VectorQuantizerEMA(nn.Module):
         return F.normalize(z, dim=-1, eps=L2_EPS) if self.l2_normalize else z
 
     @torch.no_grad()
-    def quantize_indices(self, z_e: torch.Tensor) -> torch.Tensor:
+    def encode(self, z_e: torch.Tensor) -> torch.Tensor:
         """Nearest codes of (B,D,h,w) latents → (B,h,w) int64, without any update."""
         z = self._prepare(z_e)
         return nearest_code(z.reshape(-1, self.embedding_dim), self.embedding).view(z.shape[:-1])
@@ -237,16 +158,23 @@ class VectorQuantizerEMA(nn.Module):
             z_q = z + (z_q - z).detach()  # straight-through estimator (VQ-VAE §3.2)
             perplexity, usage = code_stats(counts)
         return QuantizerOutput(
-            z_q=z_q.permute(0, 3, 1, 2),  # (B,D,h,w)
-            indices=indices.view(z.shape[:-1]),
+            z_q=z_q.permute(0, 3, 1, 2),  # (B,h,w,D) → (B,D,h,w)
+            indices=indices.view(z.shape[:-1]),  # (N,) → (B,h,w)
+            losses={"vq_loss": vq_loss, "commitment_loss": commitment_loss},
             loss=vq_loss + self.commitment_cost * commitment_loss,
-            vq_loss=vq_loss,
-            commitment_loss=commitment_loss,
-            perplexity=perplexity,
-            code_usage_rate=usage,
-            counts=counts,
-            restarted=restarted,
+            stats=QuantizerStats(counts=counts, perplexity=perplexity, code_usage_rate=usage, restarted=restarted),
         )
+
+    def host_state(self) -> dict[str, Any]:
+        return {"kmeans_checked": self._kmeans_checked}
+
+    def load_host_state(self, state: dict[str, Any]) -> None:
+        self._kmeans_checked = bool(state.get("kmeans_checked", self._kmeans_checked))
+
+    @property
+    def decides_on_host(self) -> bool:
+        """True until the k-means initialisation has been checked for (its first batch)."""
+        return self.kmeans_init and not self._kmeans_checked
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,

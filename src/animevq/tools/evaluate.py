@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,20 +24,21 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..nn.quantizers import code_counts, code_stats
+from ..nn.tokenizer import Tokenizer
+from ..runs.checkpoint_io import load_tokenizer
+from ..tracking.images import code_usage_plot, make_reconstruction_grid
 from . import metrics
-from .checkpoint import load_model, weights_sha256
-from .nn.quantizer import code_counts, code_stats
-from .tokenize import grid_size
-from .toolio import (
+from .common import (
     add_common_arguments,
     autocast,
-    error_message,
     image_batches,
     list_inputs,
     prepare_out_dir,
     progress_bar,
     resolve_device,
     resolve_precision,
+    run_tool,
 )
 
 __all__ = ["REPORT_NAME", "CodeTally", "evaluate", "main"]
@@ -99,12 +99,10 @@ class CodeTally:
         }
 
 
-def _lpips_metric(model: nn.Module, vgg_weights: str | None, notes: list[str]) -> nn.Module | None:
-    """The model's own LPIPS, else one from ``vgg_weights`` (errors propagate: the user
-    asked for it), else from torchvision's cache; None with a note when there are no weights."""
-    if getattr(model, "lpips", None) is not None:
-        return model.lpips
-    from .nn.lpips import LPIPS
+def _lpips_metric(vgg_weights: str | None, notes: list[str]) -> nn.Module | None:
+    """LPIPS from ``vgg_weights`` (errors propagate: the user asked for it), else from
+    torchvision's cache; None with a note when there are no weights."""
+    from ..nn.lpips import LPIPS  # torchvision's VGG: only when LPIPS is computed
 
     if vgg_weights is not None:
         return LPIPS(vgg_weights=vgg_weights)
@@ -130,7 +128,7 @@ def _mean(values: list[torch.Tensor]) -> float | None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    tokenizer: Tokenizer,
     data_dir: str | Path,
     *,
     batch_size: int = 16,
@@ -147,13 +145,13 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score ``model`` (a VQVAEModel or Tokenizer) on every image under ``data_dir``.
+    """Score ``tokenizer`` on every image under ``data_dir``.
 
     ``lpips_metric``/``fid_metric`` replace the default LPIPS / rFID (tests pass random
     networks). Raises FIDWeightsMissing when rFID is wanted and no weights exist.
     Returns the report, also written to ``out_dir/report.json`` when ``out_dir`` is given.
     """
-    grid_size(model, image_size)
+    tokenizer.grid_size(image_size)
     root, files = list_inputs(data_dir)
     if max_images is not None:
         files = files[:max_images]
@@ -164,13 +162,13 @@ def evaluate(
         fid = fid_metric if fid_metric is not None else metrics.ReconstructionFID(fid_weights, device=device)
     else:
         notes.append("rFID skipped (--no_fid)")
-    model = model.to(device).eval()
-    lpips = lpips_metric if lpips_metric is not None else _lpips_metric(model, lpips_vgg_weights, notes)
+    tokenizer = tokenizer.to(device).eval()
+    lpips = lpips_metric if lpips_metric is not None else _lpips_metric(lpips_vgg_weights, notes)
     if lpips is not None:
         lpips = lpips.to(device).eval()
 
     scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "lpips": [], "masked_psnr": []}
-    tally = CodeTally(model.quantizer.num_embeddings)
+    tally = CodeTally(tokenizer.codebook_size)
     skipped: list[dict[str, str]] = []
     samples: list[tuple[torch.Tensor, torch.Tensor]] = []
     with progress_bar(len(files), "evaluate", progress) as bar:
@@ -182,11 +180,11 @@ def evaluate(
                 continue
             x = batch.images  # (b,3,S,S) in [-1,1]
             with autocast(device, precision):
-                q = model.quantize(x)  # eval mode: no codebook update
-                x_rec = model.decoder(model.post_quant_conv(q.z_q)).float().clamp(-1, 1)
+                tokenized = tokenizer(x)  # eval mode: no codebook update
+                x_rec = tokenized.reconstruction.float().clamp(-1, 1)
             x01, rec01 = (x + 1) / 2, (x_rec + 1) / 2
             page = metrics.foreground_mask(x01)  # once, for the code tally and the masked PSNR
-            tally.update(q.indices, x01, foreground=page)
+            tally.update(tokenized.indices, x01, foreground=page)
             scores["psnr"].append(metrics.psnr(x01, rec01).cpu())
             scores["ssim"].append(metrics.ssim(x01, rec01).cpu())
             scores["masked_psnr"].append(metrics.masked_psnr(x01, rec01, foreground=page).cpu())
@@ -204,7 +202,7 @@ def evaluate(
     flat = int(sum((~t.isnan()).sum() for t in scores["masked_psnr"]))
     report: dict[str, Any] = {
         "data_dir": str(root),
-        "model_sha256": weights_sha256(model),
+        "model_sha256": tokenizer.weights_sha256(),
         "num_images": n,
         "image_size": image_size,
         "psnr": _mean(scores["psnr"]),
@@ -231,8 +229,6 @@ def evaluate(
 
 def _write_outputs(out: Path, report: dict[str, Any], samples: list[tuple[torch.Tensor, torch.Tensor]],
                    counts: torch.Tensor) -> None:
-    from .tracking.images import code_usage_plot, make_reconstruction_grid
-
     x = torch.cat([s[0] for s in samples])[:NUM_SAMPLES]
     x_rec = torch.cat([s[1] for s in samples])[:NUM_SAMPLES]
     Image.fromarray(make_reconstruction_grid(x, x_rec, max_images=NUM_SAMPLES)).save(out / "samples.png")
@@ -259,19 +255,17 @@ def main(argv: Sequence[str]) -> int:
     add_common_arguments(parser)
     parser.set_defaults(batch_size=16, precision="32")  # full precision: metrics must not move with dtype
     args = parser.parse_args(list(argv[1:]))
-    try:
+
+    def work() -> str:
         device = resolve_device(args.device)
         report = evaluate(
-            load_model(args.ckpt), args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+            load_tokenizer(args.ckpt), args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
             device=device, fid_weights=args.fid_weights, compute_fid=not args.no_fid, out_dir=args.out,
             max_images=args.max_images, lpips_vgg_weights=args.lpips_vgg_weights,
             precision=resolve_precision(args.precision, device), num_workers=args.num_workers,
             progress=not args.quiet,
         )
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as error:
-        print(f"animevq evaluate: error: {error_message(error)}", file=sys.stderr)
-        return 1
-    shown = {k: v for k, v in report.items() if k not in ("skipped", "data_dir")}
-    print(json.dumps(shown, indent=2))
-    print(f"wrote {Path(args.out) / REPORT_NAME}, samples.png and code_usage.png")
-    return 0
+        shown = {k: v for k, v in report.items() if k not in ("skipped", "data_dir")}
+        return json.dumps(shown, indent=2) + f"\nwrote {Path(args.out) / REPORT_NAME}, samples.png and code_usage.png"
+
+    return run_tool("evaluate", work)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,43 +24,61 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .reliability import AgreedSigterm, any_rank, check_free_space, estimate_checkpoint_bytes
+from .checkpoint_io import atomic_replace
+from .sigterm import AgreedSigterm, any_rank
 
-__all__ = ["LastCheckpoint", "CheckpointWriteError", "atomic_replace", "LAST_NAME", "PREVIOUS_NAME"]
+__all__ = [
+    "LAST_NAME",
+    "PREVIOUS_NAME",
+    "CheckpointWriteError",
+    "LastCheckpoint",
+    "check_free_space",
+    "estimate_checkpoint_bytes",
+]
 
 log = logging.getLogger(__name__)
 
 LAST_NAME = "last.ckpt"
 PREVIOUS_NAME = "previous.ckpt"  # no "last" in the name: Lightning's "last" lookup must not pick it
+# Checkpoint bytes per trainable parameter byte: the weight and Adam's two moments.
+_ADAM_COPIES = 3
+MIN_FREE_CHECKPOINTS = 2.0  # the new file is written beside the old one before the rename
+COMFORTABLE_FREE_CHECKPOINTS = 5.0  # last + previous + temp + best-k + its replacement
 
 
 class CheckpointWriteError(RuntimeError):
     """Raised on every other rank when one rank failed to write ``last.ckpt``."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def estimate_checkpoint_bytes(module: torch.nn.Module, *, exclude: tuple[str, ...] = ("objective.lpips.",)) -> int:
+    """Bytes a Lightning checkpoint of ``module`` trained with Adam takes, roughly:
+    trainable parameters three times (weights and two moments), everything else once."""
+    total = 0
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if name.startswith(exclude):
+            continue
+        copies = _ADAM_COPIES if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad else 1
+        total += tensor.numel() * tensor.element_size() * copies
+    return total
 
 
-def atomic_replace(tmp: Path, final: Path, *, keep_previous: Path | None = None) -> None:
-    """Flush ``tmp`` to disk and rename it over ``final`` (same folder, so the rename is atomic).
+def check_free_space(folder: Path, checkpoint_bytes: int) -> None:
+    """Fail if ``folder`` cannot hold ``MIN_FREE_CHECKPOINTS`` checkpoints; warn below
+    ``COMFORTABLE_FREE_CHECKPOINTS``.
 
-    With ``keep_previous``, the file ``final`` held before survives under that name: it is
-    hard-linked there first, so at every instant one of the two names holds a whole file.
+    Raises:
+        OSError: with the folder, the free space and the estimated checkpoint size.
     """
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    if keep_previous is not None and final.exists():
-        staging = keep_previous.with_name(keep_previous.name + ".tmp")
-        staging.unlink(missing_ok=True)
-        os.link(final, staging)
-        os.replace(staging, keep_previous)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    free = shutil.disk_usage(folder).free
+    mib = 2**20
+    sizes = f"{free / mib:.1f} MiB free in {folder}, a checkpoint takes about {checkpoint_bytes / mib:.1f} MiB"
+    if free < MIN_FREE_CHECKPOINTS * checkpoint_bytes:
+        raise OSError(
+            f"not enough disk space for checkpoints: {sizes} and writing one needs room for two. "
+            "Free some space or choose another --run_dir."
+        )
+    if free < COMFORTABLE_FREE_CHECKPOINTS * checkpoint_bytes:
+        log.warning("little disk space for checkpoints: %s; the run may fail when saving", sizes)
 
 
 def _all_finite(module: torch.nn.Module) -> bool:
@@ -148,9 +167,8 @@ class LastCheckpoint(pl.Callback):
         if batches == self._last_saved_batch or trainer.sanity_checking:
             return
         module = trainer.lightning_module
-        if hasattr(module, "settle_nonfinite"):
-            module.settle_nonfinite()  # the device's count of bad batches in a row, as of now
-        if getattr(module, "nonfinite_streak", 0) > 0 or not _all_finite(module):
+        blocked = getattr(module, "checkpoint_blocked", None)  # VQVAEModel: during a run of non-finite losses
+        if (blocked is not None and blocked()) or not _all_finite(module):
             # Every rank decides alike: the streak and the weights are the same everywhere.
             log.warning("not writing %s at batch %d: the model is in a run of non-finite losses or holds "
                         "non-finite values; keeping the last good checkpoint", self.path, batches)
@@ -172,7 +190,7 @@ class LastCheckpoint(pl.Callback):
             failure = error
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)  # last.ckpt is the previous one, whole
-        if any_rank(failure is not None):  # every rank's barrier; on the CPU (reliability.any_rank)
+        if any_rank(failure is not None):  # every rank's barrier; on the CPU (sigterm.any_rank)
             if failure is not None:
                 raise failure
             raise CheckpointWriteError(

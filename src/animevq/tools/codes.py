@@ -25,13 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from .checkpoint import load_model, weights_sha256
-from .toolio import (
+from ..nn.tokenizer import Tokenizer
+from ..runs.checkpoint_io import load_tokenizer
+from .common import (
     add_common_arguments,
     autocast,
-    error_message,
     image_batches,
     list_inputs,
     output_names,
@@ -39,6 +37,7 @@ from .toolio import (
     progress_bar,
     resolve_device,
     resolve_precision,
+    run_tool,
     save_pngs,
 )
 
@@ -70,16 +69,6 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(value, indent=1) + "\n")
     os.replace(tmp, path)  # atomic: an interrupted run never leaves half a manifest
-
-
-def grid_size(model: nn.Module, image_size: int) -> int:
-    """Side h of the code grid for (S,S) images; S must be divisible by 2^stages."""
-    factor = 2 ** len(model.encoder.stages)
-    if image_size <= 0 or image_size % factor:
-        raise ValueError(
-            f"image_size {image_size} must be a positive multiple of {factor} (the encoder's downsampling)"
-        )
-    return image_size // factor
 
 
 def _write_shard(out: Path, index: int, codes: np.ndarray, shards: list[dict[str, Any]], shard_size: int,
@@ -126,7 +115,7 @@ def _resumable_shards(
 
 
 def encode_folder(
-    model: nn.Module,
+    tokenizer: Tokenizer,
     data_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -147,13 +136,13 @@ def encode_folder(
     """
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
-    side = grid_size(model, image_size)
+    side = tokenizer.grid_size(image_size)
     root, sources = list_inputs(data_dir)
     out = prepare_out_dir(out_dir)
-    k = model.quantizer.num_embeddings
+    k = tokenizer.codebook_size
     header = {
         "format": FORMAT,
-        "model_sha256": model_sha256 or weights_sha256(model),
+        "model_sha256": model_sha256 or tokenizer.weights_sha256(),
         "num_embeddings": k,
         "grid": [side, side],
         "image_size": image_size,
@@ -166,11 +155,11 @@ def encode_folder(
     shards, files, skipped = _resumable_shards(out, header)
     manifest = {**header, "data_dir": str(root), "files": files, "shards": shards, "skipped": skipped,
                 "complete": False}
-    model = model.to(device).eval()
+    tokenizer = tokenizer.to(device).eval()
     begin = len(shards) * shard_size  # first source file of the first unfinished shard
     if compile_encoder is None:
         compile_encoder = torch.device(device).type == "cuda" and len(sources) - begin >= COMPILE_MIN_IMAGES
-    encode = _compiled_encode(model, batch_size) if compile_encoder else model.encode
+    encode = _compiled_encode(tokenizer, batch_size) if compile_encoder else tokenizer.encode
     rows: list[torch.Tensor] = []  # this shard's codes, kept on the device until it is written
     done = begin
     with progress_bar(len(sources), "encode", progress, initial=min(len(sources), begin)) as bar:
@@ -194,19 +183,19 @@ def encode_folder(
     return manifest
 
 
-def _compiled_encode(model: nn.Module, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model.encode`` with a compiled encoder. Eager GroupNorm/SiLU run as separate
+def _compiled_encode(tokenizer: Tokenizer, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``tokenizer.encode`` with a compiled encoder. Eager GroupNorm/SiLU run as separate
     float32 kernels under autocast (they, not the convolutions, dominate); fused, the 256-px
     encoder runs ~2.5× faster on an H100.
     Short batches are zero-padded to ``batch_size`` so that one compiled graph serves all."""
-    encoder = torch.compile(model.encoder, dynamic=False)
+    encoder = torch.compile(tokenizer.encoder, dynamic=False)
 
     @torch.no_grad()
     def encode(x: torch.Tensor) -> torch.Tensor:  # (b,C,H,W) → (b,h·w)
         b = x.shape[0]
         if b < batch_size:
             x = torch.cat([x, x.new_zeros(batch_size - b, *x.shape[1:])])
-        indices = model.quantizer.quantize_indices(model.quant_conv(encoder(x)))  # (B,h,w)
+        indices = tokenizer.quantizer.encode(tokenizer.quant_conv(encoder(x)))  # (B,h,w)
         return indices[:b].flatten(1)
 
     return encode
@@ -237,7 +226,7 @@ def load_shards(tokens_dir: str | Path, manifest: dict[str, Any]) -> Iterator[tu
 
 
 def decode_tokens(
-    model: nn.Module,
+    tokenizer: Tokenizer,
     tokens_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -249,13 +238,13 @@ def decode_tokens(
 ) -> list[Path]:
     """Decode a token folder to PNGs named after the source files; returns the paths written."""
     manifest = read_manifest(tokens_dir)
-    k = model.quantizer.num_embeddings
+    k = tokenizer.codebook_size
     if manifest["num_embeddings"] != k:
         raise ValueError(
             f"tokens in {tokens_dir} use a codebook of {manifest['num_embeddings']} codes but the model has {k}; "
             "decode with the checkpoint that encoded them"
         )
-    digest = model_sha256 or weights_sha256(model)
+    digest = model_sha256 or tokenizer.weights_sha256()
     if manifest["model_sha256"] != digest:
         raise ValueError(
             f"tokens in {tokens_dir} were made by a model with weights sha256 {manifest['model_sha256'][:12]}…, "
@@ -266,14 +255,14 @@ def decode_tokens(
                     "(rerun `animevq encode` with the same --out to finish it)", tokens_dir, len(manifest["shards"]))
     out = prepare_out_dir(out_dir)
     names = dict(zip(manifest["files"], output_names(manifest["files"])))
-    model = model.to(device).eval()
+    tokenizer = tokenizer.to(device).eval()
     written: list[Path] = []
     with progress_bar(len(manifest["files"]), "decode", progress) as bar:
         for codes, files in load_shards(tokens_dir, manifest):
             for start in range(0, len(files), batch_size):
                 indices = torch.from_numpy(codes[start : start + batch_size].astype(np.int64)).to(device)
                 with autocast(device, precision):
-                    images = model.decode(indices)  # (b,3,H,W)
+                    images = tokenizer.decode(indices)  # (b,3,H,W)
                 written += save_pngs(images, [out / names[f] for f in files[start : start + batch_size]])
                 bar.update(indices.shape[0])
     return written
@@ -281,7 +270,7 @@ def decode_tokens(
 
 @torch.no_grad()
 def reconstruct(
-    model: nn.Module,
+    tokenizer: Tokenizer,
     inputs: str | Path,
     out_dir: str | Path,
     *,
@@ -293,19 +282,18 @@ def reconstruct(
     progress: bool = True,
 ) -> list[Path]:
     """Reconstruct one image or a folder into PNGs named after the sources; returns the paths."""
-    grid_size(model, image_size)
+    tokenizer.grid_size(image_size)
     root, sources = list_inputs(inputs)
     out = prepare_out_dir(out_dir)
     names = output_names(sources)
-    model = model.to(device).eval()
+    tokenizer = tokenizer.to(device).eval()
     written: list[Path] = []
     with progress_bar(len(sources), "reconstruct", progress) as bar:
         for batch in image_batches(root, sources, image_size=image_size, batch_size=batch_size,
                                    num_workers=num_workers, device=device):
             if batch.images.shape[0]:
                 with autocast(device, precision):
-                    q = model.quantize(batch.images)
-                    images = model.decoder(model.post_quant_conv(q.z_q))
+                    images = tokenizer(batch.images).reconstruction
                 written += save_pngs(images, [out / names[p] for p in batch.positions])
             bar.update(len(batch.positions) + len(batch.skipped))
     return written
@@ -343,25 +331,23 @@ def main(argv: Sequence[str]) -> int:
         print(f"animevq: unknown tokenizer command {command!r}; use encode, decode or reconstruct", file=sys.stderr)
         return 2
     args = _parser(command).parse_args(list(argv[1:]))
-    try:
+
+    def work() -> str:
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
-        model = load_model(args.ckpt)
+        tokenizer = load_tokenizer(args.ckpt)
         common = dict(batch_size=args.batch_size, device=device, precision=precision, progress=not args.quiet)
         if command == "encode":
-            manifest = encode_folder(model, args.data_dir, args.out, image_size=args.image_size,
+            manifest = encode_folder(tokenizer, args.data_dir, args.out, image_size=args.image_size,
                                      shard_size=args.shard_size, num_workers=args.num_workers,
                                      compile_encoder={"auto": None, "yes": True, "no": False}[args.compile], **common)
-            print(f"encoded {len(manifest['files'])} images into {len(manifest['shards'])} shard(s) in {args.out}"
-                  + (f"; skipped {len(manifest['skipped'])} unreadable file(s)" if manifest["skipped"] else ""))
-        elif command == "decode":
-            written = decode_tokens(model, args.tokens, args.out, **common)
-            print(f"decoded {len(written)} images into {args.out}")
-        else:
-            written = reconstruct(model, args.input, args.out, image_size=args.image_size,
-                                  num_workers=args.num_workers, **common)
-            print(f"reconstructed {len(written)} images into {args.out}")
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as error:
-        print(f"animevq {command}: error: {error_message(error)}", file=sys.stderr)
-        return 1
-    return 0
+            return (f"encoded {len(manifest['files'])} images into {len(manifest['shards'])} shard(s) in {args.out}"
+                    + (f"; skipped {len(manifest['skipped'])} unreadable file(s)" if manifest["skipped"] else ""))
+        if command == "decode":
+            written = decode_tokens(tokenizer, args.tokens, args.out, **common)
+            return f"decoded {len(written)} images into {args.out}"
+        written = reconstruct(tokenizer, args.input, args.out, image_size=args.image_size,
+                              num_workers=args.num_workers, **common)
+        return f"reconstructed {len(written)} images into {args.out}"
+
+    return run_tool(command, work)

@@ -1,0 +1,36 @@
+"""Quantizer families behind one interface (:class:`Quantizer`), one file each.
+
+:func:`build_quantizer` turns a family's config (``TokenizerConfig.quantizer``) into its module.
+"""
+
+from __future__ import annotations
+
+from ..config import VQConfig
+from .base import Quantizer, QuantizerOutput, QuantizerStats, TrainingSnapshot, code_counts, code_stats
+from .kmeans import lloyd, nearest_code
+from .vq_ema import VectorQuantizerEMA
+
+__all__ = [
+    "QUANTIZERS",
+    "Quantizer",
+    "QuantizerOutput",
+    "QuantizerStats",
+    "TrainingSnapshot",
+    "VectorQuantizerEMA",
+    "build_quantizer",
+    "code_counts",
+    "code_stats",
+    "lloyd",
+    "nearest_code",
+]
+
+QUANTIZERS: dict[type, type[Quantizer]] = {VQConfig: VectorQuantizerEMA}  # config class → family
+
+
+def build_quantizer(config: object) -> Quantizer:
+    """The quantizer module of a family's config."""
+    try:
+        family = QUANTIZERS[type(config)]
+    except KeyError:
+        raise TypeError(f"no quantizer family takes a {type(config).__name__}") from None
+    return family.from_config(config)

@@ -1,0 +1,140 @@
+"""What every quantizer family offers the tokenizer and the trainer.
+
+A quantizer maps latents (B,D,h,w) to quantised latents of the same shape and to code indices
+(B,h,w) int64 in [0, ``codebook_size``). Its output names its auxiliary losses (unweighted:
+the training objective weights them) and its per-batch statistics, which are identical on every
+rank under DDP. A new family subclasses :class:`Quantizer`; the tokenizer never looks further.
+
+Shapes: B batch, D code dimension, h×w latent grid, K = ``codebook_size``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Quantizer",
+    "QuantizerOutput",
+    "QuantizerStats",
+    "TrainingSnapshot",
+    "code_counts",
+    "code_stats",
+    "restore_buffers",
+    "snapshot_buffers",
+]
+
+
+class QuantizerStats(NamedTuple):
+    """Per-batch statistics of the codes a quantizer chose."""
+
+    counts: torch.Tensor  # (K,) float32 histogram of this batch's codes
+    perplexity: torch.Tensor  # exp(entropy) of that histogram
+    code_usage_rate: torch.Tensor  # fraction of the K codes used
+    restarted: torch.Tensor  # codes re-initialised by this call (int64; 0 for families without restarts)
+
+
+class QuantizerOutput(NamedTuple):
+    """What one quantizer call returns."""
+
+    z_q: torch.Tensor  # (B,D,h,w) quantised latents, with the family's gradient to z_e
+    indices: torch.Tensor  # (B,h,w) int64 code indices in [0,K)
+    losses: dict[str, torch.Tensor]  # auxiliary losses by name, unweighted (e.g. vq_loss, commitment_loss)
+    loss: torch.Tensor  # the family's own training loss when the quantizer is used on its own
+    stats: QuantizerStats
+
+
+def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """(K,) float32 histogram of code indices. Unlike ``torch.bincount``, which reads the
+    largest index back to the host on CUDA, this never waits for the GPU; float32 holds
+    every count exactly up to 2**24 vectors per batch."""
+    flat = indices.reshape(-1)
+    ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
+    return torch.zeros(num_codes, dtype=torch.float32, device=flat.device).scatter_add_(0, flat, ones)
+
+
+def code_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Perplexity exp(H(p)) and the used fraction of a (K,) code histogram."""
+    counts = counts.float()
+    p = counts / counts.sum().clamp_min(1.0)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    return entropy.exp(), (counts > 0).float().mean()
+
+
+class TrainingSnapshot(NamedTuple):
+    """A module's state as a training batch found it (see :meth:`Quantizer.training_snapshot`)."""
+
+    buffers: list[torch.Tensor]  # clones, in ``module.buffers()`` order
+    host: dict[str, Any]  # host-side state the batch may change
+
+
+def snapshot_buffers(module: nn.Module) -> TrainingSnapshot:
+    """Clones of every buffer of ``module``: what a training batch of a plain module changes."""
+    return TrainingSnapshot([b.detach().clone() for b in module.buffers()], {})
+
+
+def restore_buffers(module: nn.Module, snapshot: TrainingSnapshot, skip: torch.Tensor | None = None) -> None:
+    """Put :func:`snapshot_buffers` back: wholly (``skip`` None) or, without a host sync,
+    where the 0-d bool tensor ``skip`` is true."""
+    for buffer, saved in zip(module.buffers(), snapshot.buffers):
+        buffer.copy_(saved if skip is None else torch.where(skip, saved, buffer))
+
+
+class Quantizer(nn.Module, abc.ABC):
+    """The interface of a quantizer family."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: Any) -> Quantizer:
+        """The family's module, built from its config dataclass."""
+
+    @property
+    @abc.abstractmethod
+    def codebook_size(self) -> int:
+        """K: indices lie in [0, K)."""
+
+    @property
+    @abc.abstractmethod
+    def embedding_dim(self) -> int:
+        """D, the channels of the latents it quantises."""
+
+    @abc.abstractmethod
+    def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
+        """Quantise (B,D,h,w) latents; in training mode a family may also update its state."""
+
+    @abc.abstractmethod
+    def encode(self, z_e: torch.Tensor) -> torch.Tensor:
+        """(B,D,h,w) latents → (B,h,w) int64 indices, never changing any state."""
+
+    @abc.abstractmethod
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B,h,w) integer indices in [0, K) → (B,D,h,w) quantised latents."""
+
+    # Training hooks: what a skipped (non-finite) batch must put back.
+    def training_snapshot(self) -> TrainingSnapshot:
+        """The state a training forward changes, as of now: every buffer, plus any host-side
+        state (:meth:`host_state`)."""
+        return snapshot_buffers(self)._replace(host=self.host_state())
+
+    def restore_training_snapshot(self, snapshot: TrainingSnapshot, skip: torch.Tensor | None = None) -> None:
+        """Put a snapshot back: wholly (``skip`` None) or, on the device without a host sync,
+        where the 0-d bool ``skip`` is true (host-side state then stays)."""
+        restore_buffers(self, snapshot, skip)
+        if skip is None:
+            self.load_host_state(snapshot.host)
+
+    def host_state(self) -> dict[str, Any]:
+        """Host-side state a training forward may change (none by default)."""
+        return {}
+
+    def load_host_state(self, state: dict[str, Any]) -> None:
+        """Undo :meth:`host_state`."""
+
+    @property
+    def decides_on_host(self) -> bool:
+        """Whether the next training forward makes a decision on the host (e.g. a one-off
+        initialisation) that a skip decided on the device could not undo."""
+        return False

@@ -1,0 +1,191 @@
+"""``Tokenizer``: images ↔ code grids, a pure ``nn.Module`` built from one config.
+
+encoder → quant_conv → quantizer → post_quant_conv → decoder; no losses, no optimiser, no
+Lightning. It saves itself as ``model.safetensors`` (raw tensors, so loading can never run
+code) and ``config.json`` (its :class:`~animevq.nn.config.TokenizerConfig`), and loads those
+back, including the exports of animevq 0.1.
+
+Shapes: images (B,C,H,W) in [-1,1]; latents (B,D,h,w) with h = H/f, w = W/f, f the
+downsampling factor (16 for four stages); indices (B,h,w), or flattened (B,h·w), in [0,K).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .autoencoder import Decoder, Encoder
+from .config import TokenizerConfig
+from .quantizers import Quantizer, QuantizerOutput, build_quantizer
+from .weights import CheckpointError, check_state_dict, state_sha256
+
+__all__ = ["CONFIG_NAME", "EXPORT_FORMAT", "WEIGHTS_NAME", "Pretrained", "Tokenizer", "TokenizerOutput",
+           "read_pretrained"]
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+EXPORT_FORMAT = 2  # config.json "_format_version"; 0.1's exports have none (format 1)
+_FORMAT_TAG = f"animevq.tokenizer/{EXPORT_FORMAT}"  # in the safetensors metadata
+
+
+class TokenizerOutput(NamedTuple):
+    """What ``Tokenizer.forward`` returns."""
+
+    reconstruction: torch.Tensor  # (B,C,H,W) decoded from the quantised latents
+    quantized: QuantizerOutput  # z_q, indices (B,h,w), the quantizer's losses and statistics
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """(B,h,w) int64 code indices."""
+        return self.quantized.indices
+
+
+class Pretrained(NamedTuple):
+    """An exported folder, read and checked."""
+
+    config: TokenizerConfig
+    state: dict[str, torch.Tensor]  # on the CPU
+    metadata: dict[str, Any]  # config.json as read
+    version: int  # its format: 1 (animevq 0.1) or EXPORT_FORMAT
+    weights_path: Path
+
+
+class Tokenizer(nn.Module):
+    """The image tokenizer: ``encode`` images to codes, ``decode`` codes to images.
+
+    Built from a :class:`TokenizerConfig` (the seed's architecture by default). ``forward``
+    is the training forward: in training mode the quantizer may update its codebook.
+    """
+
+    def __init__(self, config: TokenizerConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config if config is not None else TokenizerConfig()
+        q, latent = config.quantizer, config.latent_channels
+        # Built in this order, so that one seed gives the weights animevq 0.1 gave.
+        self.encoder = Encoder(config.in_channels, config.encoder_channels, config.num_res_blocks, latent)
+        self.decoder = Decoder(config.in_channels, config.decoder_channels, config.num_res_blocks, latent)
+        project = latent != q.embedding_dim  # 1×1 convs into and out of code space only when widths differ
+        self.quant_conv = nn.Conv2d(latent, q.embedding_dim, 1) if project else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(q.embedding_dim, latent, 1) if project else nn.Identity()
+        self.quantizer: Quantizer = build_quantizer(q)
+
+    @property
+    def codebook_size(self) -> int:
+        """K: every index lies in [0, K)."""
+        return self.quantizer.codebook_size
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image side / code grid side."""
+        return self.config.downsample_factor
+
+    def grid_size(self, image_size: int) -> int:
+        """Side h of the code grid of (S,S) images; S must be a multiple of the downsampling."""
+        factor = self.downsample_factor
+        if image_size <= 0 or image_size % factor:
+            raise ValueError(f"image_size {image_size} must be a positive multiple of {factor} "
+                             "(the encoder's downsampling)")
+        return image_size // factor
+
+    def forward(self, x: torch.Tensor) -> TokenizerOutput:
+        """Reconstruct images (B,C,H,W) in [-1,1] through the quantizer."""
+        q = self.quantizer(self.quant_conv(self.encoder(x)))
+        return TokenizerOutput(self.decoder(self.post_quant_conv(q.z_q)), q)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B,C,H,W) in [-1,1] → code indices (B,h·w) int64 in [0,K). Never updates the codebook."""
+        return self.quantizer.encode(self.quant_conv(self.encoder(x))).flatten(1)  # (B,h,w) → (B,h·w)
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B,h·w) (a square grid) or (B,h,w) → images (B,C,f·h,f·w) in [-1,1]."""
+        if indices.dim() == 2:
+            side = math.isqrt(indices.shape[1])
+            if side * side != indices.shape[1]:
+                raise ValueError(
+                    f"flat indices of length {indices.shape[1]} are not a square grid; pass them as (B,h,w)"
+                )
+            indices = indices.view(indices.shape[0], side, side)  # (B,h·w) → (B,h,w)
+        elif indices.dim() != 3:
+            raise ValueError(f"indices must be (B,h·w) or (B,h,w), got shape {tuple(indices.shape)}")
+        z_q = self.quantizer.indices_to_codes(indices.to(self.decoder.stem.weight.device))  # (B,D,h,w)
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights (names, dtypes, shapes, bytes). It identifies the weights, not
+        a file: a checkpoint and its export hash alike, so codes made with one decode with the
+        other. animevq 0.1 computed the same hash."""
+        return state_sha256(self.state_dict())
+
+    # ---------------------------------------------------------------- files
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``directory/model.safetensors`` and ``directory/config.json``; returns the folder."""
+        out = Path(directory)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"cannot create export folder {out}: {error}; choose a writable folder") from error
+        # clone: safetensors refuses tensors that share storage
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        config = {"_class_name": type(self).__name__, "_format_version": EXPORT_FORMAT, **self.config.to_dict()}
+        try:
+            save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "animevq": _FORMAT_TAG})
+            (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        except OSError as error:
+            raise ValueError(f"cannot write the export to {out}: {error}; choose a writable folder") from error
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, map_location: str | torch.device = "cpu") -> Tokenizer:
+        """Load what :meth:`save_pretrained` (or animevq 0.1's ``export``) wrote, in eval mode."""
+        pretrained = read_pretrained(directory)
+        return cls.from_state(pretrained.config, pretrained.state, source=str(pretrained.weights_path)).to(map_location)
+
+    @classmethod
+    def from_state(cls, config: TokenizerConfig, state: dict[str, torch.Tensor], *, source: str) -> Tokenizer:
+        """A tokenizer in eval mode holding ``state`` (checked against ``config`` first)."""
+        tokenizer = cls(config)
+        check_state_dict(tokenizer, state, source=source)
+        tokenizer.load_state_dict(state)
+        return tokenizer.eval()
+
+
+def read_pretrained(directory: str | Path) -> Pretrained:
+    """An exported folder's config and weights, with errors that name the file at fault."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise CheckpointError(f"exported model folder {folder} does not exist; create it with `animevq export`")
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise CheckpointError(f"{folder} is not an exported model: {needed.name} is missing (see `animevq export`)")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object")
+    version = data.get("_format_version", 1)
+    try:
+        if version == 1:  # animevq 0.1: VQVAEModel's flat hyperparameters
+            config = TokenizerConfig.from_hparams(data)
+        elif version == EXPORT_FORMAT:
+            config = TokenizerConfig.from_dict({k: v for k, v in data.items() if not k.startswith("_")})
+        else:
+            raise ValueError(f"its format {version!r} is newer than this animevq reads ({EXPORT_FORMAT}); "
+                             "upgrade animevq")
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path} does not describe a tokenizer: {error}") from error
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from error
+    return Pretrained(config, state, data, version, weights_path)

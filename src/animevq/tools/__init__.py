@@ -1,0 +1,15 @@
+"""The ``animevq`` tools beside Lightning's fit and validate: each a module with a
+``main(argv) -> int`` that reports errors through :func:`animevq.tools.common.run_tool`."""
+
+from __future__ import annotations
+
+__all__ = ["TOOLS"]
+
+TOOLS: dict[str, tuple[str, str]] = {  # command → (module, what it does)
+    "prepare": ("animevq.tools.prepare", "decode a folder of images once into a fast-loading prepared folder"),
+    "evaluate": ("animevq.tools.evaluate", "PSNR, SSIM, LPIPS, rFID and code usage of a tokenizer on a folder"),
+    "encode": ("animevq.tools.codes", "encode a folder of images into code grids (sharded .npy + manifest)"),
+    "decode": ("animevq.tools.codes", "decode a token folder back into PNG images"),
+    "reconstruct": ("animevq.tools.codes", "encode and decode images: reconstructions as PNGs"),
+    "export": ("animevq.tools.export", "write a checkpoint's tokenizer as model.safetensors + config.json"),
+}

@@ -1,0 +1,394 @@
+"""``VQVAEModel``: the seed's LightningModule (SPEC §1, §4, §5).
+
+It holds the :class:`~animevq.nn.Tokenizer` as ``self.tokenizer`` and composes it with the
+training :class:`~animevq.train.objective.Objective`, VQ-GAN's :class:`~animevq.train.gan.GanStep`
+and the :class:`~animevq.train.guard.NonFiniteGuard`; this file wires them to Lightning's hooks.
+
+Shapes: images (B,C,H,W) in [-1,1]; code indices (B,h,w) or flattened (B,h·w); K codes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from ..config import SEED_DEFAULTS as _D
+from ..config import (
+    AdversarialOptions,
+    LoggingOptions,
+    LossOptions,
+    ModelConfig,
+    OptimizationOptions,
+    SafetyOptions,
+    SpeedOptions,
+    architecture_differences,
+)
+from ..nn.config import VQOptions
+from ..nn.quantizers import code_stats
+from ..nn.tokenizer import Tokenizer, read_pretrained
+from ..runs.checkpoint_io import CheckpointError, migrate_state_dict
+from ..runs.last import LastCheckpoint
+from .gan import GanStep
+from .guard import NonFiniteGuard
+from .monitor import CodeUsage, TrainingMonitor, log_grid, log_usage_histogram, report
+from .objective import Objective, VQVAEOutput
+from .optim import make_adam, make_scheduler
+from .speed import speed_up
+
+__all__ = ["VQVAEModel", "VQVAEOutput"]
+
+LPIPS_PREFIX = "objective.lpips."  # the frozen LPIPS network: rebuilt from its weights file, never saved
+
+
+class VQVAEModel(pl.LightningModule):
+    """VQ-VAE (and, with ``lambda_gan > 0``, VQ-GAN) image tokenizer.
+
+    The first twenty parameters are the seed's table, with its names and defaults; the
+    keyword-only groups hold everything else, one dataclass per concern (``animevq.config``).
+
+    Args:
+        in_channels: Image channels.
+        latent_channels: Channels of the encoder's output and the decoder's input.
+        encoder_channels: Width of each encoder stage; every stage halves the image side.
+        decoder_channels: Width of each decoder stage; every stage doubles it.
+        num_res_blocks: ResBlocks per stage.
+        num_embeddings: Codebook size K.
+        embedding_dim: Code dimension D; 1×1 convs project when it differs from latent_channels.
+        commitment_cost: β of the quantizer's own loss when used alone (the model uses lambda_commit).
+        decay: EMA decay of the codebook; 0 trains the codebook by gradient.
+        lambda_rec: Weight of the L1 reconstruction loss.
+        lambda_vq: Weight of the codebook loss mse(z_q, sg[z_e]).
+        lambda_commit: Weight of the commitment loss mse(z_e, sg[z_q]).
+        lambda_perc: Weight of the LPIPS perceptual loss.
+        lambda_gan: Weight of the adversarial loss; > 0 makes a VQ-GAN.
+        use_lpips: Build the LPIPS network (needs VGG16 weights, see losses).
+        learning_rate: Adam's learning rate.
+        betas: Adam's betas.
+        weight_decay: Adam's weight decay.
+        log_every_n_steps: Log scalars every N training batches.
+        log_images_every_n_steps: Log train/reconstruction every N training batches.
+        quantizer: Codebook health: dead-code restarts, k-means initialisation, cosine codes.
+        losses: Where LPIPS's VGG16 weights come from.
+        adversarial: VQ-GAN's discriminator and its schedule.
+        optimization: Learning-rate schedule, gradient clipping, VQ-GAN's accumulation.
+        logging: The window behind the logged training code usage.
+        speed: channels_last and torch.compile.
+        safety: How many non-finite batches in a row are skipped before the run stops.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = _D["in_channels"],
+        latent_channels: int = _D["latent_channels"],
+        encoder_channels: tuple[int, ...] = _D["encoder_channels"],
+        decoder_channels: tuple[int, ...] = _D["decoder_channels"],
+        num_res_blocks: int = _D["num_res_blocks"],
+        num_embeddings: int = _D["num_embeddings"],
+        embedding_dim: int = _D["embedding_dim"],
+        commitment_cost: float = _D["commitment_cost"],
+        decay: float = _D["decay"],
+        lambda_rec: float = _D["lambda_rec"],
+        lambda_vq: float = _D["lambda_vq"],
+        lambda_commit: float = _D["lambda_commit"],
+        lambda_perc: float = _D["lambda_perc"],
+        lambda_gan: float = _D["lambda_gan"],
+        use_lpips: bool = _D["use_lpips"],
+        learning_rate: float = _D["learning_rate"],
+        betas: tuple[float, float] = _D["betas"],
+        weight_decay: float = _D["weight_decay"],
+        log_every_n_steps: int = _D["log_every_n_steps"],
+        log_images_every_n_steps: int = _D["log_images_every_n_steps"],
+        *,
+        quantizer: VQOptions = VQOptions(),
+        losses: LossOptions = LossOptions(),
+        adversarial: AdversarialOptions = AdversarialOptions(),
+        optimization: OptimizationOptions = OptimizationOptions(),
+        logging: LoggingOptions = LoggingOptions(),
+        speed: SpeedOptions = SpeedOptions(),
+        safety: SafetyOptions = SafetyOptions(),
+    ) -> None:
+        arguments = locals()
+        super().__init__()
+        seed = {name: arguments[name] for name in _D}
+        groups = {"quantizer": quantizer, "losses": losses, "adversarial": adversarial, "optimization": optimization,
+                  "logging": logging, "speed": speed, "safety": safety}
+        self.config = config = ModelConfig.build(seed, groups)
+        self.save_hyperparameters(config.to_hparams())  # plain values only: checkpoints load weights_only
+        self.tokenizer = Tokenizer(config.tokenizer)
+        self.objective = Objective(config.losses, config.adversarial, config.tokenizer.in_channels)
+        self.usage = CodeUsage(config.logging.usage_window, self.tokenizer.codebook_size)
+        self.batches_seen = 0  # our batch counter: global_step counts optimizer steps
+        self.guard = NonFiniteGuard(config.safety.max_nonfinite_steps, [self.tokenizer.quantizer, self.objective],
+                                    decides_on_host=lambda: self.tokenizer.quantizer.decides_on_host)
+        self.monitor = TrainingMonitor()
+        self._prepared = False
+        self.gan_step: GanStep | None = None
+        if self.adversarial:
+            self.gan_step = GanStep(self.tokenizer, self.objective, self.guard,
+                                    accumulate_grad_batches=config.optimization.accumulate_grad_batches,
+                                    grad_clip_norm=config.optimization.grad_clip_norm)
+            # Two optimisers stepped in one training_step: Lightning requires manual optimisation.
+            self.automatic_optimization = False
+
+    @property
+    def adversarial(self) -> bool:
+        """VQ-GAN (``lambda_gan > 0``)."""
+        return self.config.adversarial_on
+
+    # ------------------------------------------------------------------ inference API
+    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        """Reconstruct ``x`` (B,C,H,W) in [-1,1] and compute every named loss and metric."""
+        tokenized = self.tokenizer(x)
+        return VQVAEOutput.of(tokenized, self.objective(x, tokenized.reconstruction, tokenized.quantized),
+                              tokenized.reconstruction)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B,C,H,W) in [-1,1] → code indices (B,h·w) int64 in [0,K). Never updates the codebook."""
+        return self.tokenizer.encode(x)
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B,h·w) (square grid) or (B,h,w) → images (B,C,16h,16w) in [-1,1]."""
+        return self.tokenizer.decode(indices)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, **overrides: Any) -> VQVAEModel:
+        """A model (eval mode) holding the weights of an export (``animevq export``, or
+        ``Tokenizer.save_pretrained``). ``overrides`` set constructor arguments (seed parameters,
+        or groups as mappings); LPIPS is off unless ``use_lpips=True`` is passed. A 0.1 export
+        also brings its training settings; a VQ-GAN's discriminator starts fresh (exports hold none)."""
+        pretrained = read_pretrained(directory)
+        saved = pretrained.metadata if pretrained.version == 1 else {}
+        config = ModelConfig.from_hparams({**saved, "use_lpips": False})
+        hparams = config.replace_tokenizer(pretrained.config).to_hparams()
+        for key, value in overrides.items():
+            hparams[key] = {**hparams[key], **value} if isinstance(hparams.get(key), dict) else value
+        try:
+            model = cls(**hparams)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"the config in {directory} does not build a VQVAEModel: {error}") from error
+        model.tokenizer.load_state_dict(Tokenizer.from_state(
+            model.config.tokenizer, pretrained.state, source=str(pretrained.weights_path)).state_dict())
+        return model.eval()
+
+    # ------------------------------------------------------------------ speed
+    def setup(self, stage: str) -> None:
+        """Before the model reaches the device and the optimisers exist: memory format and compilation."""
+        if self._prepared:
+            return
+        self._prepared = True
+        if self.gan_step is not None:
+            self.gan_step.allow_unused_parameters(self.trainer.strategy)
+        on_cuda = self._trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        speed_up(self, self.config.speed, on_cuda=on_cuda)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.config.speed.channels_last and isinstance(batch, torch.Tensor) and batch.is_cuda and batch.dim() == 4:
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    # ------------------------------------------------------------------ training
+    @staticmethod
+    def images_of(batch: Any) -> torch.Tensor:
+        """The (B,C,H,W) images of a batch: a tensor, a (images, ...) sequence or {'image': ...}."""
+        if isinstance(batch, torch.Tensor):
+            return batch
+        if isinstance(batch, dict):
+            return batch["image"]
+        if isinstance(batch, (list, tuple)):
+            return batch[0]
+        raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        x = self.images_of(batch)
+        self.guard.snapshot()
+        if self.gan_step is not None:
+            step = self.gan_step(self, x, self.batches_seen, loss_scale=self._loss_scale(), skipped=self._skipped)
+            if step is not None:
+                self.after_train_batch(x, VQVAEOutput.of(step.tokenized, step.losses, step.tokenized.reconstruction),
+                                       step.extra)
+            return None
+        out = self(x)
+        if not self.guard.check(out.total_loss, self.batches_seen, skipped=self._skipped):
+            # Lightning's own skip (returning None) is refused under DDP: a zero gradient instead,
+            # and optimizer_step does not step.
+            self.guard.skip_optimizer_step = True
+            return self.guard.zero_gradient_loss([p for p in self.parameters() if p.requires_grad])
+        self.after_train_batch(x, out, extra={})
+        return out.total_loss
+
+    def _skipped(self) -> None:
+        """Bookkeeping of a batch the guard skipped on the host: it used no codes."""
+        self.usage.record(self.batches_seen, 0)
+        self.batches_seen += 1
+
+    def _loss_scale(self) -> float:
+        if self._trainer is None:
+            return 1.0
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def after_train_batch(self, x: torch.Tensor, out: VQVAEOutput, extra: dict[str, torch.Tensor]) -> None:
+        """Bookkeeping after each training batch: usage window, scalars and images at their cadence."""
+        cadence = self.config.logging
+        self.usage.record(self.batches_seen, self.guard.finish(out.counts))
+        step = self.batches_seen
+        self.batches_seen += 1
+        scalars, images = step % cadence.log_every_n_steps == 0, step % cadence.log_images_every_n_steps == 0
+        if scalars or images:
+            self.guard.settle()  # a skipped batch has nothing to show
+            if self.guard.last_skipped_batch == step:
+                return
+        if scalars:
+            values = {
+                "train/recon_loss": out.recon_loss,
+                "train/vq_loss": out.vq_loss,
+                "train/commitment_loss": out.commitment_loss,
+                "train/perc_loss": out.perc_loss,
+                "train/total_loss": out.total_loss,
+                "train/batch_perplexity": out.perplexity,
+                "train/batch_code_usage_rate": out.code_usage_rate,
+                "train/restarted_codes": out.restarted.float(),
+                **extra,
+            }
+            self.monitor.log_train_scalars(self, self.usage, batches_seen=self.batches_seen, batch_size=x.shape[0],
+                                           values=values, extra={"train/skipped_nonfinite": float(self.guard.total)})
+        if images:
+            log_grid(self, "train/reconstruction", x, out.reconstruction, self.batches_seen)
+
+    def on_train_start(self) -> None:
+        trainer = self.trainer
+        accumulate = (self.config.optimization.accumulate_grad_batches if self.adversarial
+                      else trainer.accumulate_grad_batches)
+        distributed = trainer.world_size > 1
+        self.guard.start(
+            list(trainer.optimizers), loss_scaler=getattr(trainer.precision_plugin, "scaler", None),
+            accumulate_grad_batches=accumulate, device=self.usage.history.device, distributed=distributed,
+            agree=(lambda ok: trainer.strategy.reduce_boolean_decision(ok, all=True)) if distributed else bool,
+            report=lambda message: report(self, message, {"train/skipped_nonfinite": float(self.guard.total)},
+                                          self.batches_seen),
+            where_to_resume=self._where_to_resume,
+        )
+
+    def _where_to_resume(self) -> str:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, LastCheckpoint) and callback.last_saved_batch is not None:
+                return f"the last good checkpoint is {callback.path} (batch {callback.last_saved_batch})"
+        return "no checkpoint was written yet"
+
+    def on_train_epoch_end(self) -> None:
+        self.guard.settle()
+
+    def on_train_end(self) -> None:
+        self.guard.stop()
+
+    def checkpoint_blocked(self) -> bool:
+        """Whether a checkpoint must not be written now: within a run of non-finite losses
+        (``LastCheckpoint`` asks; every rank decides alike)."""
+        self.guard.settle()  # the device's count of bad batches in a row, as of now
+        return self.guard.streak > 0
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step, unless the guard skipped the batch (see ``training_step``)."""
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.guard.skip_optimizer_step = False
+        loss = optimizer_closure()  # training_step and backward, as the optimizer would run them
+        if self.guard.skip_optimizer_step:
+            self.guard.skip_optimizer_step = False
+            return None
+        return super().optimizer_step(epoch, batch_idx, optimizer, lambda: loss)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Automatic optimisation (VQ-VAE): honour ``grad_clip_norm`` when the Trainer sets none."""
+        clip = gradient_clip_val if gradient_clip_val is not None else self.config.optimization.grad_clip_norm
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.usage.val_counts.zero_()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = self.images_of(batch)
+        out = self(x)
+        self.usage.val_counts += out.counts
+        values = {
+            "val/recon_loss": out.recon_loss,
+            "val/vq_loss": out.vq_loss,
+            "val/commitment_loss": out.commitment_loss,
+            "val/perc_loss": out.perc_loss,
+            "val/total_loss": out.total_loss,
+        }
+        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            log_grid(self, "val/reconstruction", x, out.reconstruction, self.batches_seen)
+        return out.total_loss
+
+    def on_validation_epoch_end(self) -> None:
+        counts = self.usage.val_counts
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")
+        perplexity, usage = code_stats(counts)
+        # Already global: no further reduction.
+        self.log("val/perplexity", perplexity, on_epoch=True, sync_dist=False, rank_zero_only=True)
+        self.log("val/code_usage_rate", usage, on_epoch=True, sync_dist=False, rank_zero_only=True)
+        if not self.trainer.sanity_checking:
+            log_usage_histogram(self, counts, self.batches_seen)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        cfg = self.config.optimization
+        clipping = bool(cfg.grad_clip_norm or (self._trainer is not None and self.trainer.gradient_clip_val))
+        total = None
+        if cfg.lr_schedule == "cosine" and self._trainer is not None:
+            estimated = self.trainer.estimated_stepping_batches
+            total = int(estimated) if math.isfinite(estimated) else None
+
+        def optimizer(module: nn.Module, lr: float) -> dict[str, Any]:
+            opt = make_adam([p for p in module.parameters() if p.requires_grad], cfg, lr=lr, clipping=clipping)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": make_scheduler(opt, cfg, total), "interval": "step"}}
+
+        configs = [optimizer(self.tokenizer, cfg.learning_rate)]
+        if self.adversarial:
+            disc_lr = self.config.adversarial.disc_learning_rate
+            configs.append(optimizer(self.objective.discriminator, cfg.learning_rate if disc_lr is None else disc_lr))
+        return configs
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.settle()  # the guard's total as of now
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(LPIPS_PREFIX)]:
+            del state[key]
+        checkpoint["animevq"] = {
+            "batches_seen": self.batches_seen,
+            "nonfinite_total": self.guard.total,
+            # Not in the state dict (exports stay lean), but the logged usage window continues.
+            "usage_history": self.usage.history.detach().clone(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters")
+        if isinstance(saved, dict):
+            differences = architecture_differences(ModelConfig.from_hparams(saved, fill=self.config), self.config)
+            if differences:
+                source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+                raise CheckpointError(
+                    f"checkpoint {source or ''} was written by a different model, so it cannot be loaded into "
+                    f"this one: {'; '.join(differences)}. Resume with the settings it was trained with (its "
+                    "hyper_parameters, or config.yaml in its run folder), or start a new run without --ckpt_path."
+                )
+        checkpoint["state_dict"] = state = migrate_state_dict(checkpoint["state_dict"])
+        if self.objective.lpips is not None:
+            for key, value in self.objective.lpips.state_dict().items():
+                state.setdefault(f"{LPIPS_PREFIX}{key}", value)
+        ours = checkpoint.get("animevq", {})
+        self.batches_seen = int(ours.get("batches_seen", 0))
+        self.guard.total = int(ours.get("nonfinite_total", 0))
+        history = ours.get("usage_history")
+        if isinstance(history, torch.Tensor) and history.shape == self.usage.history.shape:
+            self.usage.history.copy_(history)

@@ -1,0 +1,30 @@
+"""How fast a model trains, never what it computes beyond rounding: memory format and compilation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import SpeedOptions
+
+__all__ = ["speed_up"]
+
+
+def speed_up(model: Any, speed: SpeedOptions, *, on_cuda: bool) -> None:
+    """Put a VQVAEModel (its ``tokenizer`` and ``objective``) in NHWC memory format on CUDA, and
+    compile its networks, as ``speed`` asks.
+
+    Compilation is in place (``Module.compile``), so state-dict keys stay the same. The
+    quantiser stays eager: it updates buffers in place and its cost is small. For VQ-GAN the
+    decoder's head stays eager: the adaptive weight differentiates through its last conv alone,
+    which a compiled backward could only do by running the whole decoder's backward.
+    """
+    if speed.channels_last and on_cuda:
+        model.to(memory_format=torch.channels_last)  # what cuDNN's bf16 tensor-core convs want
+    if speed.compile:
+        tokenizer, objective = model.tokenizer, model.objective
+        decoder = tokenizer.decoder.stages if objective.discriminator is not None else tokenizer.decoder
+        for module in (tokenizer.encoder, decoder, objective.lpips, objective.discriminator):
+            if module is not None:
+                module.compile()
