@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from conftest import yaml_model
 from PIL import Image
 
 TESTS = Path(__file__).resolve().parent
@@ -75,3 +76,16 @@ def make_images(folder: Path, n: int = 24, size: int = 40) -> Path:
         array = rng.integers(0, 255, (size, size + 8 * (i % 3), 3), dtype=np.uint8)
         Image.fromarray(array).save(folder / f"img{i:02d}.png")
     return folder
+
+
+def fit_config(run_dir: Path, data: Path, **trainer) -> dict:
+    """A one-epoch CPU ``animevq fit`` config of the tiny model on ``data``; ``trainer`` adds to its trainer."""
+    return {
+        "run_dir": str(run_dir),
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, **trainer},
+        "model": yaml_model(lambda_perc=0.0, optimization={"warmup_steps": 2}, log_every_n_steps=1,
+                            log_images_every_n_steps=1000),
+        "data": {"data_dir": str(data), "batch_size": 4, "image_size": 32, "val_split": 0.25, "num_workers": 0,
+                 "drop_last": False},  # every file is tried in the one epoch
+    }

@@ -13,6 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import yaml_model
 from dashboard import api_keys, experiment_ids, fetch_media, fetch_scalar, find_chromium, chromium_dump_dom, \
     read_swanlog, swanlab_dashboard
 
@@ -26,9 +27,8 @@ TINY_CONFIG = {
     "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 2, "enable_model_summary": False,
                 "logger": {"class_path": "animevq.SwanLabLogger",
                            "init_args": {"project": "clitest", "experiment_name": "tiny", "mode": "local"}}},
-    "model": {"latent_channels": 16, "encoder_channels": [8, 16, 16, 16], "decoder_channels": [16, 16, 16, 8],
-              "num_res_blocks": 1, "num_embeddings": 16, "embedding_dim": 16, "use_lpips": False,
-              "lambda_perc": 0.0, "warmup_steps": 2, "log_every_n_steps": 1, "log_images_every_n_steps": 2},
+    "model": yaml_model(lambda_perc=0.0, optimization={"warmup_steps": 2}, log_every_n_steps=1,
+                        log_images_every_n_steps=2),
     "data": {"batch_size": 4, "image_size": 32, "val_split": 0.25, "num_workers": 0},
 }
 

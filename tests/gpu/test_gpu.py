@@ -7,14 +7,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from animevq.lightning_module import VQVAEModel
-from animevq.nn.quantizer import VectorQuantizerEMA, nearest_code
+from conftest import merged
+
+from animevq.nn.quantizers import VectorQuantizerEMA, nearest_code
+from animevq.train.module import VQVAEModel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SMALL = dict(latent_channels=32, encoder_channels=(16, 32, 32, 32), decoder_channels=(32, 32, 32, 16),
-             num_res_blocks=1, num_embeddings=64, embedding_dim=32, warmup_steps=0, log_every_n_steps=1,
-             log_images_every_n_steps=10**6, lpips_random_init=True)
+             num_res_blocks=1, num_embeddings=64, embedding_dim=32, optimization={"warmup_steps": 0},
+             log_every_n_steps=1, log_images_every_n_steps=10**6, losses={"lpips_random_init": True})
 
 
 def batches(n: int = 4, size: int = 64) -> DataLoader:
@@ -25,15 +27,15 @@ def batches(n: int = 4, size: int = 64) -> DataLoader:
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32"])
 @pytest.mark.parametrize("gan", [False, True])
 def test_training_is_finite_in_every_precision(tmp_path, precision: str, gan: bool) -> None:
-    kwargs = dict(SMALL, lambda_gan=0.5 if gan else 0.0, disc_start=1, disc_norm="group")
+    kwargs = merged(SMALL, dict(lambda_gan=0.5 if gan else 0.0, adversarial={"disc_start": 1, "disc_norm": "group"}))
     model = VQVAEModel(**kwargs)
-    before = model.encoder.stem.weight.detach().clone()
+    before = model.tokenizer.encoder.stem.weight.detach().clone()
     trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(model, batches())
     assert model.batches_seen == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert not torch.equal(before, model.encoder.stem.weight.detach().cpu())
+    assert not torch.equal(before, model.tokenizer.encoder.stem.weight.detach().cpu())
 
 
 def test_nearest_code_on_gpu_matches_float64_reference() -> None:
@@ -91,4 +93,4 @@ def test_quantizer_training_step_never_waits_for_the_gpu(sampling: str) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.z_q).all()
-    assert int(out.restarted) > 0  # restarts ran (1,024 codes, 2,048 vectors, threshold 1)
+    assert int(out.stats.restarted) > 0  # restarts ran (1,024 codes, 2,048 vectors, threshold 1)

@@ -12,10 +12,9 @@ import pytest
 import torch
 import yaml
 
-from clirun import make_images, run_animevq
-from test_reliability_cli import _config
+from clirun import fit_config, make_images, run_animevq
 
-from animevq.reliability import EXIT_SIGTERM
+from animevq.runs.sigterm import EXIT_SIGTERM
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
@@ -23,8 +22,8 @@ pytestmark = [pytest.mark.gpu,
 
 def _fit(tmp_path: Path, callbacks: list[dict], num_workers: int = 0, **config):
     data = make_images(tmp_path / "images", n=16)
-    run = _config(tmp_path / "run", data, accelerator="gpu", devices=2, strategy="ddp", max_epochs=3,
-                  logger=False, callbacks=callbacks)
+    run = fit_config(tmp_path / "run", data, accelerator="gpu", devices=2, strategy="ddp", max_epochs=3,
+                     logger=False, callbacks=callbacks)
     run["data"].update(batch_size=2, num_workers=num_workers)
     run.update(config)
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(run))

@@ -12,8 +12,8 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from animevq.checkpoint import CheckpointError
-from animevq.metrics import (
+from animevq.runs.checkpoint_io import CheckpointError
+from animevq.tools.metrics import (
     FIDWeightsMissing,
     ReconstructionFID,
     background_cells,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import swanlab
 import torch
+from conftest import tiny_trainer
 from dashboard import read_swanlog
 from PIL import Image
 
@@ -73,15 +74,7 @@ class TinyModule(pl.LightningModule):
 
 def _fit(logger: SwanLabLogger) -> tuple[pl.Trainer, TinyModule]:
     model = TinyModule()
-    trainer = pl.Trainer(
-        max_steps=STEPS,
-        logger=logger,
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = tiny_trainer(max_epochs=None, max_steps=STEPS, logger=logger, log_every_n_steps=1)
     trainer.fit(model)
     return trainer, model
 
@@ -255,10 +248,8 @@ def test_swanlab_failing_mid_run_keeps_training_and_fills_csv(
 ) -> None:
     logger = SwanLabLogger(log_dir=tmp_path / "swanlog", fallback_dir=tmp_path / "fallback")
     model = TinyModule()
-    trainer = pl.Trainer(
-        max_steps=STEPS, logger=logger, log_every_n_steps=1, callbacks=[_BreakSwanLab(monkeypatch)],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
+    trainer = tiny_trainer(max_epochs=None, max_steps=STEPS, logger=logger, log_every_n_steps=1,
+                           callbacks=[_BreakSwanLab(monkeypatch)])
     with pytest.warns(RuntimeWarning, match="disk full"):
         trainer.fit(model)
     assert trainer.global_step == STEPS

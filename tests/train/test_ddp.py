@@ -12,7 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from animevq.nn.quantizer import VectorQuantizerEMA
+from conftest import model_kwargs, tiny_trainer
+
+from animevq.nn.quantizers import VectorQuantizerEMA
+from animevq.train.module import VQVAEModel
 
 WORLD = 2
 STEPS = 12
@@ -113,7 +116,7 @@ class CodebooksAgree(pl.Callback):
         self.record = record
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        q = pl_module.quantizer
+        q = pl_module.tokenizer.quantizer
         state = torch.cat([q.codebook.flatten(), q.cluster_size, q.embed_sum.flatten()])
         gathered = trainer.strategy.all_gather(state)
         assert torch.equal(gathered[0], gathered[1]), f"ranks differ after batch {batch_idx}"
@@ -124,17 +127,14 @@ class CodebooksAgree(pl.Callback):
 
 
 @pytest.mark.timeout(180)
-def test_lightning_ddp_fit_keeps_codebooks_identical(tmp_path, tiny_kwargs) -> None:
+def test_lightning_ddp_fit_keeps_codebooks_identical(tmp_path) -> None:
     from torch.utils.data import DataLoader
-
-    from animevq.lightning_module import VQVAEModel
 
     g = torch.Generator().manual_seed(0)
     images = torch.rand(16, 3, 32, 32, generator=g) * 2 - 1
-    model = VQVAEModel(**dict(tiny_kwargs, log_every_n_steps=1))
-    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_epochs=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[CodebooksAgree(tmp_path / 'checked.txt'), EndProcessGroup()], default_root_dir=tmp_path)
+    model = VQVAEModel(**model_kwargs(log_every_n_steps=1))
+    trainer = tiny_trainer(devices=WORLD, strategy="ddp_spawn", default_root_dir=tmp_path,
+                           callbacks=[CodebooksAgree(tmp_path / "checked.txt"), EndProcessGroup()])
     trainer.fit(model, DataLoader(images, batch_size=2))
     checked = sorted((tmp_path / "checked.txt").read_text().split("\n")[:-1])
     assert checked == sorted(f"{r} {b}" for r in range(WORLD) for b in range(16 // (2 * WORLD)))
@@ -147,27 +147,24 @@ class DiscriminatorsAgree(pl.Callback):
         self.record = record
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        for name, module in (("discriminator", pl_module.discriminator), ("decoder", pl_module.decoder)):
+        discriminator = pl_module.objective.discriminator
+        for name, module in (("discriminator", discriminator), ("decoder", pl_module.tokenizer.decoder)):
             flat = torch.cat([p.detach().flatten() for p in module.parameters()])
             gathered = trainer.strategy.all_gather(flat)
             assert torch.equal(gathered[0], gathered[1]), f"{name} differs across ranks after batch {batch_idx}"
         with open(self.record, "a") as f:
-            f.write(f"{trainer.global_rank} {batch_idx} {float(pl_module.discriminator.main[0].weight.sum())}\n")
+            f.write(f"{trainer.global_rank} {batch_idx} {float(discriminator.main[0].weight.sum())}\n")
 
 
 @pytest.mark.timeout(180)
-def test_vqgan_trains_under_ddp(tmp_path, tiny_kwargs) -> None:
+def test_vqgan_trains_under_ddp(tmp_path) -> None:
     from torch.utils.data import DataLoader
-
-    from animevq.lightning_module import VQVAEModel
 
     g = torch.Generator().manual_seed(0)
     images = torch.rand(12, 3, 32, 32, generator=g) * 2 - 1
-    model = VQVAEModel(**dict(tiny_kwargs, lambda_gan=0.5, disc_start=1, disc_norm="group"))
-    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_epochs=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[DiscriminatorsAgree(tmp_path / "gan.txt"), EndProcessGroup()],
-                         default_root_dir=tmp_path)
+    model = VQVAEModel(**model_kwargs(lambda_gan=0.5, adversarial={"disc_start": 1, "disc_norm": "group"}))
+    trainer = tiny_trainer(devices=WORLD, strategy="ddp_spawn", default_root_dir=tmp_path,
+                           callbacks=[DiscriminatorsAgree(tmp_path / "gan.txt"), EndProcessGroup()])
     trainer.fit(model, DataLoader(images, batch_size=2))
     rows = [line.split() for line in (tmp_path / "gan.txt").read_text().splitlines()]
     assert sorted((r[0], r[1]) for r in rows) == sorted((str(r), str(b)) for r in range(WORLD) for b in range(3))

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import swanlab
 import torch
+from conftest import tiny_trainer
 from dashboard import (
     api_get,
     api_keys,
@@ -116,10 +117,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Logged:
         torch.manual_seed(0)
         model = SpecKeysModule()
         logger = SwanLabLogger(project="animevq-e2e", experiment_name=EXPERIMENT, log_dir=root / "swanlog")
-        trainer = pl.Trainer(
-            max_steps=STEPS, logger=logger, log_every_n_steps=1, accelerator="cpu",
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        )
+        trainer = tiny_trainer(max_epochs=None, max_steps=STEPS, logger=logger, log_every_n_steps=1)
         trainer.fit(model)
         assert logger.failure is None and not swanlab.has_run()
     return Logged(root / "swanlog", model)

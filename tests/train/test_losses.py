@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from animevq.losses import (
+from animevq.train.losses import (
     LeCamEMA,
     adaptive_weight,
     d_loss,

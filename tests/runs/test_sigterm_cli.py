@@ -11,26 +11,13 @@ import pytest
 import torch
 import yaml
 
-from clirun import make_images, run_animevq
-from conftest import TINY
+from clirun import fit_config, make_images, run_animevq
 from plain import assert_plain
-from test_data_poison import BAD_FILES, _write_bad, _write_good
+from poison import BAD_FILES, write_bad, write_good
 
-from animevq.reliability import EXIT_SIGTERM
+from animevq.runs.sigterm import EXIT_SIGTERM
 
 LISTING_REASONS = {"broken_link", "outside_data_dir"}  # refused while listing, never loaded
-
-
-def _config(run_dir: Path, data: Path, **trainer) -> dict:
-    return {
-        "run_dir": str(run_dir),
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
-                    "enable_model_summary": False, **trainer},
-        "model": {**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}, "use_lpips": False,
-                  "lambda_perc": 0.0, "warmup_steps": 2, "log_every_n_steps": 1, "log_images_every_n_steps": 1000},
-        "data": {"data_dir": str(data), "batch_size": 4, "image_size": 32, "val_split": 0.25, "num_workers": 0,
-                 "drop_last": False},  # every file is tried in the one epoch
-    }
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +25,13 @@ def poisoned_fit(tmp_path_factory) -> dict:
     """One fit on a folder of good and bad files, with SwanLab's folder under a regular file."""
     tmp = tmp_path_factory.mktemp("poisoned")
     data = make_images(tmp / "images", n=12)
-    _write_good(data)
-    _write_bad(data, tmp / "elsewhere")
+    write_good(data)
+    write_bad(data, tmp / "elsewhere")
     blocker = tmp / "a_file"
     blocker.write_text("SwanLab cannot create folders under a file")
     logger = {"class_path": "animevq.SwanLabLogger",
               "init_args": {"project": "reliability", "mode": "local", "log_dir": str(blocker / "swanlog")}}
-    config = _config(tmp / "run", data, logger=logger)
+    config = fit_config(tmp / "run", data, logger=logger)
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_animevq("fit", "--config", str(tmp / "config.yaml"), cwd=tmp, timeout=150)
     return {"result": result, "run_dir": tmp / "run"}
@@ -91,7 +78,7 @@ def test_ddp_ranks_skip_nonfinite_steps_together_and_an_exception_on_one_ends_al
     data = make_images(tmp_path / "images", n=16)
     nan = {"class_path": "reliability_callbacks.NanOnRank", "init_args": {"rank": 1, "batch": 1}}
     fail = {"class_path": "reliability_callbacks.RaiseOnRank", "init_args": {"rank": 1, "batch": 2}}
-    config = _config(tmp_path / "run", data, devices=2, strategy="ddp", max_epochs=2, logger=False,
+    config = fit_config(tmp_path / "run", data, devices=2, strategy="ddp", max_epochs=2, logger=False,
                      callbacks=[nan, fail])
     config["data"]["batch_size"] = 2
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
@@ -111,7 +98,7 @@ def test_ddp_checkpoint_write_failing_on_rank_0_ends_every_rank_and_keeps_the_la
     # once rank 0 exited; over NCCL it waited for the process group's timeout (tests/gpu).
     data = make_images(tmp_path / "images", n=16)
     full = {"class_path": "reliability_callbacks.DiskFullOnRank", "init_args": {"rank": 0, "batch": 2}}
-    config = _config(tmp_path / "run", data, devices=2, strategy="ddp", max_epochs=3, logger=False, callbacks=[full])
+    config = fit_config(tmp_path / "run", data, devices=2, strategy="ddp", max_epochs=3, logger=False, callbacks=[full])
     config["data"]["batch_size"] = 2
     config["save_every_n_steps"] = 2
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
@@ -132,7 +119,7 @@ def _sigterm_run(tmp_path: Path, callbacks: list[dict], devices: int = 2, num_wo
     data = make_images(tmp_path / "images", n=16)
     stops = tmp_path / "stops.txt"
     ddp = {"devices": 2, "strategy": "ddp"} if devices == 2 else {}
-    config = _config(tmp_path / "run", data, max_epochs=3, logger=False, **ddp,
+    config = fit_config(tmp_path / "run", data, max_epochs=3, logger=False, **ddp,
                      callbacks=[*callbacks, {"class_path": "reliability_callbacks.StopRecorder",
                                              "init_args": {"path": str(stops)}}])
     config["data"].update(batch_size=2, num_workers=num_workers)

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from clirun import make_images, run_animevq
-from conftest import TINY
+from conftest import yaml_model
 
-from animevq.reliability import EXIT_SIGTERM
+from animevq.runs.sigterm import EXIT_SIGTERM
 
 BATCHES_PER_EPOCH = 5  # 24 images, about a quarter to validation by hash: 17 train, batch size 3
 STOP_AT = 7  # SIGTERM arrives as the 8th batch (epoch 1, batch 2) starts
@@ -27,8 +27,8 @@ def _config(run_dir: Path, data: Path, callbacks: list[dict]) -> dict:
         "save_every_n_steps": 4,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 3, "logger": False,
                     "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks},
-        "model": {**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}, "use_lpips": False,
-                  "lambda_perc": 0.0, "warmup_steps": 2, "log_every_n_steps": 1, "log_images_every_n_steps": 1000},
+        "model": yaml_model(lambda_perc=0.0, optimization={"warmup_steps": 2}, log_every_n_steps=1,
+                            log_images_every_n_steps=1000),
         "data": {"data_dir": str(data), "batch_size": 3, "image_size": 32, "val_split": 0.25, "num_workers": 1},
     }
 
@@ -112,12 +112,12 @@ def test_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(runs: dict) 
     straight = torch.load(runs["straight_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
     resumed = torch.load(runs["stopped_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
     assert straight["animevq"]["batches_seen"] == 3 * BATCHES_PER_EPOCH
-    assert any(k.startswith("quantizer.") for k in straight["state_dict"])
-    assert int(straight["state_dict"]["quantizer.updates"]) == 3 * BATCHES_PER_EPOCH
+    assert any(k.startswith("tokenizer.quantizer.") for k in straight["state_dict"])
+    assert int(straight["state_dict"]["tokenizer.quantizer.updates"]) == 3 * BATCHES_PER_EPOCH
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "animevq", "global_step", "epoch"):
         _assert_same(straight[key], resumed[key], key)
     rng = "ExactResume"
     _assert_same(straight["callbacks"][rng], resumed["callbacks"][rng], "rng")
     # And the resume really restored something: the state at the stop differs from the end.
-    assert not torch.equal(runs["at_stop"]["state_dict"]["quantizer.embedding"],
-                           straight["state_dict"]["quantizer.embedding"])
+    assert not torch.equal(runs["at_stop"]["state_dict"]["tokenizer.quantizer.embedding"],
+                           straight["state_dict"]["tokenizer.quantizer.embedding"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from animevq.nn.quantizer import VectorQuantizerEMA, code_counts, code_stats, lloyd, nearest_code
+from animevq.nn.quantizers import VectorQuantizerEMA, code_counts, code_stats, lloyd, nearest_code
 
 
 def brute_force_argmin(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def test_distances_in_float32_under_autocast() -> None:
 
 def test_large_codebook_chunk_bound() -> None:
     """K = 65,536 with 8,192 vectors: chunks keep distances within the bound."""
-    from animevq.nn import quantizer
+    from animevq.nn.quantizers import kmeans as quantizer
 
     k, n = 65_536, 8_192
     rows = max(1, quantizer.DISTANCE_CHUNK_ELEMENTS // k)
@@ -52,15 +52,15 @@ def test_losses_have_beta_on_the_commitment_term_only() -> None:
     vq = VectorQuantizerEMA(8, 3, commitment_cost=0.25, restart_dead_codes=False).eval()
     z_e = torch.randn(2, 3, 2, 2)
     out = vq(z_e)
-    z_q = vq.lookup(out.indices)
+    z_q = vq.indices_to_codes(out.indices)
     mse = ((z_q - z_e) ** 2).mean()
-    assert torch.allclose(out.vq_loss, mse) and torch.allclose(out.commitment_loss, mse)
+    assert torch.allclose(out.losses["vq_loss"], mse) and torch.allclose(out.losses["commitment_loss"], mse)
     assert torch.allclose(out.loss, mse * 1.25)
     # vq_loss reaches only the codebook, commitment only the encoder.
     vq_grad = VectorQuantizerEMA(8, 3, decay=0.0).eval()
     z = torch.randn(2, 3, 2, 2, requires_grad=True)
     o = vq_grad(z)
-    o.vq_loss.backward()
+    o.losses["vq_loss"].backward()
     assert z.grad is None or torch.all(z.grad == 0)
     assert vq_grad.embedding.grad is not None and vq_grad.embedding.grad.abs().sum() > 0
 
@@ -115,7 +115,7 @@ def test_perplexity_and_usage_on_hand_made_assignment() -> None:
     codes = vq.codebook
     z = torch.stack([codes[0], codes[0], codes[3], codes[3]]).T.reshape(1, 2, 2, 2)
     out = vq(z)
-    assert torch.isclose(out.perplexity, torch.tensor(2.0)) and out.code_usage_rate == 0.5
+    assert torch.isclose(out.stats.perplexity, torch.tensor(2.0)) and out.stats.code_usage_rate == 0.5
 
 
 def test_code_counts_match_bincount_including_unused_last_codes() -> None:
@@ -134,7 +134,7 @@ def test_dead_codes_restart_from_batch_vectors() -> None:
     collapsed = e0[0].view(1, 2, 1, 1).expand(1, 2, 4, 8).contiguous()
     restarted = 0
     for _ in range(5):
-        restarted += int(vq(collapsed).restarted)
+        restarted += int(vq(collapsed).stats.restarted)
     assert restarted > 0
     # Every restarted code is the collapse point, the only vector in those batches.
     moved = ~torch.isclose(vq.codebook, e0).all(1)
@@ -156,7 +156,7 @@ def test_restarts_go_where_the_codebook_fits_worst_only_with_error_sampling(samp
     vq = VectorQuantizerEMA(16, 2, decay=0.5, dead_code_threshold=0.9, restart_sampling=sampling)
     vq.embedding.zero_()
     vq.embed_sum.zero_()
-    restarted = int(vq(outliers_batch()).restarted)
+    restarted = int(vq(outliers_batch()).stats.restarted)
     on_outliers = int((vq.codebook.norm(dim=1) > 10).sum())
     assert restarted == 15  # every code but the one the batch used
     if sampling == "error":
@@ -195,7 +195,7 @@ def test_bad_shapes_and_indices_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"\(B,4,h,w\)"):
         vq(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
-        vq.lookup(torch.tensor([[[8]]]))
+        vq.indices_to_codes(torch.tensor([[[8]]]))
 
 
 def test_kmeans_init_places_codes_on_the_data_clusters() -> None:
@@ -204,7 +204,7 @@ def test_kmeans_init_places_codes_on_the_data_clusters() -> None:
     vq = VectorQuantizerEMA(4, 2, kmeans_init=True, restart_dead_codes=False)
     assert not bool(vq.initialized)
     out = vq(z)
-    assert bool(vq.initialized) and out.code_usage_rate == 1.0  # every cluster got its own code
+    assert bool(vq.initialized) and out.stats.code_usage_rate == 1.0  # every cluster got its own code
     distance = torch.cdist(vq.codebook, centres).min(1).values
     assert (distance < 0.1).all()
     before = vq.codebook.clone()

@@ -4,10 +4,7 @@ batches keep their shape, and the counts are exact with and without worker proce
 from __future__ import annotations
 
 import logging
-import os
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,80 +23,15 @@ from animevq.data import (
     load_image,
     to_tensor,
 )
-
-S = 16
-RED, BLUE = (255, 0, 0), (0, 0, 255)
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-def _forged_bomb(path: Path) -> None:
-    """A 60-byte PNG whose header claims 50000×50000 RGB (7.5 GB decoded)."""
-    header = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
-    body = _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 16))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + _png_chunk(b"IEND", b""))
-
-
-def _write_good(folder: Path) -> None:
-    """Unusual files that must load (see test_unusual_files_decode_correctly)."""
-    Image.new("CMYK", (S, S), (0, 255, 255, 0)).save(folder / "cmyk.jpg")  # red in CMYK
-    gray16 = np.full((S, S), 32768, dtype=np.uint16)
-    Image.fromarray(gray16).save(folder / "gray16.png")
-    palette = Image.new("P", (S, S), 0)
-    palette.putpalette([0, 0, 0, *RED] + [0] * 762)
-    palette.paste(1, (S // 2, 0, S, S))  # left half index 0 (transparent), right half red
-    palette.save(folder / "palette.png", transparency=0)
-    Image.new("LA", (S, S), (0, 0)).save(folder / "clear_la.png")  # fully transparent black
-    sideways = Image.new("RGB", (2 * S, S), BLUE)
-    sideways.paste(RED, (0, 0, S, S))  # stored landscape: red left, blue right
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90° clockwise to display": red ends up on top
-    sideways.save(folder / "exif6.jpg", exif=exif.tobytes(), quality=95)
-    Image.new("RGB", (2000, 8), (0, 255, 0)).save(folder / "strip.png")
-    frames = [Image.new("RGB", (S, S), RED), Image.new("RGB", (S, S), BLUE)]
-    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
-    Image.new("L", (20, 30), 200).save(folder / "gray.webp")
-    Image.new("RGB", (24, 24), (10, 200, 30)).save(folder / "plain.bmp")
-
-
-BAD_FILES = {  # file name → reason it must be skipped for
-    "truncated.jpg": "truncated",
-    "empty.png": "empty",
-    "text.png": "not_an_image",
-    "tiny.png": "too_small",
-    "bomb.png": "too_large",
-    "loop.png": "broken_link",
-    "outside.png": "outside_data_dir",
-}
-
-
-def _write_bad(folder: Path, elsewhere: Path) -> None:
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(folder / "full.jpg", quality=90)
-    data = (folder / "full.jpg").read_bytes()
-    (folder / "full.jpg").unlink()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "text.png").write_text("<html>404 Not Found</html>")
-    Image.new("RGB", (1, 1), RED).save(folder / "tiny.png")
-    _forged_bomb(folder / "bomb.png")
-    os.symlink("loop.png", folder / "loop.png")  # points at itself
-    elsewhere.mkdir(exist_ok=True)
-    Image.new("RGB", (S, S), RED).save(elsewhere / "secret.png")
-    os.symlink(elsewhere / "secret.png", folder / "outside.png")
-    os.symlink(folder, folder / "sub_loop")  # a folder link back up: must not hang the walk
-    os.symlink("cmyk.jpg", folder / "alias.jpg")  # a link inside data_dir is fine
-
+from conftest import tiny_trainer
+from poison import BAD_FILES, BLUE, RED, S, write_bad, write_good
 
 @pytest.fixture
 def poison(tmp_path: Path) -> Path:
     folder = tmp_path / "poison"
     folder.mkdir()
-    _write_good(folder)
-    _write_bad(folder, tmp_path / "elsewhere")
+    write_good(folder)
+    write_bad(folder, tmp_path / "elsewhere")
     return folder
 
 
@@ -229,11 +161,7 @@ def test_data_report_warns_every_epoch_with_persistent_workers(
                          num_workers=2, drop_last=False)
     assert dm.skipped == {}  # nothing is read before setup
     probe, report = _Probe(), DataReport()
-    trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[report],
-        num_sanity_val_steps=0,
-    )
+    trainer = tiny_trainer(max_epochs=2, callbacks=[report], num_sanity_val_steps=0)
     with caplog.at_level(logging.WARNING, logger="animevq.data"):
         trainer.fit(probe, datamodule=dm)
     listing_reasons = ("broken_link", "outside_data_dir")  # refused before any loading

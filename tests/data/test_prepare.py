@@ -23,7 +23,7 @@ from animevq.data import (
     read_prepared,
 )
 from animevq.data import prepare as prepare_module
-from animevq.data.prepare import main
+from animevq.tools.prepare import main
 from animevq.data.prepared import stored_image
 
 S = 16

@@ -1,0 +1,31 @@
+"""``animevq export``: a checkpoint's tokenizer as model.safetensors + config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from animevq import Tokenizer, VQVAEModel
+from animevq.tools import export
+
+
+def test_export_command_writes_the_tokenizer_only(model: VQVAEModel, ckpt: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert export.main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    assert f"exported {ckpt} to {out}/model.safetensors and {out}/config.json" in capsys.readouterr().out
+    assert set(load_file(str(out / "model.safetensors"))) == set(model.tokenizer.state_dict())
+    assert json.loads((out / "config.json").read_text())["_format_version"] == 2
+    assert Tokenizer.from_pretrained(out).weights_sha256() == model.tokenizer.weights_sha256()
+
+    assert export.main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o2")]) == 1
+    assert "nope.ckpt does not exist" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert export.main(["export", "--ckpt", str(ckpt), "--out", str(blocker / "sub")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("animevq export: error: cannot create export folder") and "choose a writable folder" in err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
