@@ -9,6 +9,7 @@ starts when the discriminator does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -69,7 +70,7 @@ class GanStep:
         scheduler.step()
 
     def __call__(self, module: Any, x: torch.Tensor, batch: int, *, loss_scale: float = 1.0,
-                 skipped: Any = lambda: None) -> GanStepOutput | None:
+                 skipped: Callable[[], None] | None = None) -> GanStepOutput | None:
         """Train on images ``x`` (B,C,H,W), the model's batch number ``batch``; None when the
         guard skipped it (``skipped`` is the caller's bookkeeping for that case)."""
         opt_g, opt_d = module.optimizers()

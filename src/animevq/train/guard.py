@@ -30,6 +30,10 @@ __all__ = ["NonFiniteGuard", "NonFiniteLossError", "Stateful"]
 log = logging.getLogger(__name__)
 
 
+def _no_checkpoint_yet() -> str:
+    return "no checkpoint was written yet"
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss was NaN or infinite for more training batches in a row than allowed."""
 
@@ -48,21 +52,20 @@ class NonFiniteGuard:
     Args:
         max_steps: bad batches in a row that are skipped; one more raises. None: no guard.
         stateful: what a batch changes before its loss is known (the quantizer, the objective),
-            snapshot by :meth:`snapshot` and put back for a skipped batch.
-        decides_on_host: whether the coming batch makes a host-side decision a device-side
-            skip could not undo (a k-means initialisation); then the guard decides on the host.
+            snapshot by :meth:`snapshot` and put back for a skipped batch. One whose
+            ``decides_on_host`` is true (a quantizer about to initialise its codebook) makes a
+            host-side decision that a device-side skip could not undo: the guard then decides
+            that batch on the host.
 
     Per batch: :meth:`snapshot`, the forward, :meth:`check` (before any backward), and, for a
     batch decided on the device, :meth:`finish` once its statistics are known.
     """
 
-    def __init__(self, max_steps: int | None, stateful: Sequence[Stateful], *,
-                 decides_on_host: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, max_steps: int | None, stateful: Sequence[Stateful]) -> None:
         if max_steps is not None and max_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0 or None (no guard), got {max_steps}")
         self.max_steps = max_steps
         self.stateful = list(stateful)
-        self.decides_on_host = decides_on_host
         self.streak = 0  # batches in a row whose loss was NaN/inf
         self.total = 0  # such batches skipped in this run, resumes included
         self.last_skipped_batch = -1  # as far as settled
@@ -76,7 +79,7 @@ class NonFiniteGuard:
         self._agree: Callable[[bool], bool] = bool
         self._distributed = False
         self._report: Callable[[str], None] = log.warning
-        self._where_to_resume: Callable[[], str] = lambda: "no checkpoint was written yet"
+        self._where_to_resume: Callable[[], str] = _no_checkpoint_yet
 
     @property
     def enabled(self) -> bool:
@@ -127,7 +130,7 @@ class NonFiniteGuard:
         """Copy the state the coming batch changes: its forward does so before the loss is known."""
         if not self.enabled:
             return
-        self._host_decision = self.decides_on_host()
+        self._host_decision = any(getattr(part, "decides_on_host", False) for part in self.stateful)
         self._snapshot = [s.training_snapshot() for s in self.stateful]
 
     def _restore(self, skip: torch.Tensor | None = None) -> None:
@@ -135,7 +138,7 @@ class NonFiniteGuard:
             for part, saved in zip(self.stateful, self._snapshot):
                 part.restore_training_snapshot(saved, skip)
 
-    def check(self, loss: torch.Tensor, batch: int, *, skipped: Callable[[], None] = lambda: None) -> bool:
+    def check(self, loss: torch.Tensor, batch: int, *, skipped: Callable[[], None] | None = None) -> bool:
         """True if batch ``batch``'s step may proceed: ``loss`` is finite on every rank, or the
         verdict is left to the device.
 
@@ -162,7 +165,8 @@ class NonFiniteGuard:
         self.streak += 1
         self.total += 1
         self.last_skipped_batch = batch
-        skipped()
+        if skipped is not None:
+            skipped()
         if self.streak > self.max_steps:
             raise NonFiniteLossError(self._message(batch, self.streak))
         self._report(f"non-finite loss at batch {batch} ({self.streak} in a row, {self.total} in all): step skipped")

@@ -122,8 +122,7 @@ class VQVAEModel(pl.LightningModule):
         self.objective = Objective(config.losses, config.adversarial, config.tokenizer.in_channels)
         self.usage = CodeUsage(config.logging.usage_window, self.tokenizer.codebook_size)
         self.batches_seen = 0  # our batch counter: global_step counts optimizer steps
-        self.guard = NonFiniteGuard(config.safety.max_nonfinite_steps, [self.tokenizer.quantizer, self.objective],
-                                    decides_on_host=lambda: self.tokenizer.quantizer.decides_on_host)
+        self.guard = NonFiniteGuard(config.safety.max_nonfinite_steps, [self.tokenizer.quantizer, self.objective])
         self.monitor = TrainingMonitor()
         self._prepared = False
         self.gan_step: GanStep | None = None
