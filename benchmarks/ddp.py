@@ -25,15 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lightning.pytorch as pl  # noqa: E402
 from throughput import Profile, StepTimer, SyncDebug  # noqa: E402
 
-from animevq.checkpointing import LastCheckpoint  # noqa: E402
 from animevq.data.datamodule import sigterm_from_parent_only  # noqa: E402
-from animevq.lightning_module import VQVAEModel  # noqa: E402
-from animevq.reliability import HostSigtermCheck  # noqa: E402
+from animevq.runs.last import LastCheckpoint  # noqa: E402
+from animevq.runs.sigterm import HostSigtermCheck  # noqa: E402
+from animevq.train.module import VQVAEModel  # noqa: E402
 
 
 class CodebookAgreement(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: VQVAEModel) -> None:
-        q = pl_module.quantizer
+        q = pl_module.tokenizer.quantizer
         state = torch.cat([q.codebook.flatten(), q.cluster_size, q.embed_sum.flatten()])
         gathered = trainer.strategy.all_gather(state)
         if trainer.world_size == 1:
@@ -71,7 +71,7 @@ def main() -> None:
         ddp_kwargs["bucket_cap_mb"] = a.bucket_mb
     strategy = pl.strategies.DDPStrategy(**ddp_kwargs) if a.devices > 1 else "auto"
     torch.manual_seed(0)
-    model = VQVAEModel(use_lpips=False, lambda_perc=0.0, warmup_steps=0, compile=a.compile,
+    model = VQVAEModel(use_lpips=False, lambda_perc=0.0, optimization={"warmup_steps": 0}, speed={"compile": a.compile},
                        log_every_n_steps=10**9, log_images_every_n_steps=10**9)
     n = (a.steps + a.warmup) * a.devices
     data = [torch.rand(a.batch, 3, 256, 256) * 2 - 1 for _ in range(min(n, 16))]

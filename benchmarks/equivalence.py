@@ -15,36 +15,70 @@ they were made, each compared with the run before it:
 changes nothing beyond rounding if its differences are of that size or smaller. Training is
 chaotic (argmin code assignments flip on rounding), so differences grow along a run; the
 table shows the mean relative difference over the first 10 steps and over all of them.
+
+    python benchmarks/equivalence.py .data/emoji --steps 30 --baseline /path/to/animevq-0.1/src
+
+``--baseline SRC`` compares versions instead: the final configuration trained twice by this
+checkout (run-to-run noise: compiled kernels and atomics are not bit-reproducible) and once by
+the animevq package under ``SRC`` (an older checkout's src/, run in its own process), from the
+same seed and the same images.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+# ANIMEVQ_SRC: the package a --baseline run imports (this checkout's by default).
+sys.path.insert(0, os.environ.get("ANIMEVQ_SRC", str(Path(__file__).resolve().parents[1] / "src")))
 
 import lightning.pytorch as pl  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from animevq.lightning_module import VQVAEModel  # noqa: E402
-from animevq.losses import adaptive_weight, generator_loss, ramp_weight  # noqa: E402
 from animevq.nn.blocks import Upsample  # noqa: E402
 
+try:
+    from animevq.train.module import VQVAEModel  # noqa: E402
+    from animevq.train.losses import adaptive_weight, generator_loss, ramp_weight  # noqa: E402
+    from animevq.train.objective import GeneratorOutput  # noqa: E402
+    GROUPED = True
+except ImportError:  # animevq 0.1 (a --baseline run): every knob a flat argument
+    from animevq.lightning_module import VQVAEModel  # noqa: E402
+    GROUPED = False
+
+# The settings as 0.1 spelled them (flat); ``arguments`` groups them for 0.2.
 SMALL_LR = dict(learning_rate=1e-4, warmup_steps=0, log_every_n_steps=10**9, log_images_every_n_steps=10**9)
 VQVAE = dict(SMALL_LR, use_lpips=False, lambda_perc=0.0)
 VQGAN = dict(SMALL_LR, use_lpips=True, lpips_random_init=True, lambda_gan=0.1, disc_start=0, disc_norm="group")
+GROUP_OF = {"warmup_steps": "optimization", "lpips_random_init": "losses", "disc_start": "adversarial",
+            "disc_norm": "adversarial", "channels_last": "speed", "compile": "speed"}
+
+
+ACCELERATOR = ["gpu"]
+
+
+def arguments(flat: dict) -> dict:
+    """VQVAEModel's arguments for the package imported."""
+    if not GROUPED:
+        return flat
+    out: dict = {}
+    for key, value in flat.items():
+        if key in GROUP_OF:
+            out.setdefault(GROUP_OF[key], {})[key] = value
+        else:
+            out[key] = value
+    return out
 
 
 class Recorded(VQVAEModel):
     """VQVAEModel that keeps every training step's losses as floats."""
-
-    textbook_generator = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -57,17 +91,20 @@ class Recorded(VQVAEModel):
         self.record.append({k: float(v.detach()) for k, v in row.items()})
         super().after_train_batch(x, out, extra)
 
-    def _generator_losses(self, x, step):
-        if not self.textbook_generator:
-            return super()._generator_losses(x, step)
-        # Before the single-pass rewrite: ∇_W of both losses through the whole graph.
-        hp = self.hparams
-        out = self(x)
-        g_loss = generator_loss(self.discriminator(out.reconstruction), hp.disc_loss)
-        nll = hp.lambda_rec * out.recon_loss + hp.lambda_perc * out.perc_loss
-        weight = adaptive_weight(nll, g_loss, self.decoder.last_layer, max_weight=hp.disc_weight_max)
-        d_weight = weight * (hp.lambda_gan * ramp_weight(step, hp.disc_start, hp.disc_ramp_steps))
-        return out, g_loss.detach(), d_weight, out.total_loss + d_weight * g_loss
+    def use_textbook_generator(self) -> None:
+        """Before the single-pass rewrite: ∇_W of both losses through the whole graph."""
+        objective = self.objective
+
+        def textbook(x, x_rec, q, *, batch, last_layer, loss_scale=1.0):
+            cfg, adv = objective.config, objective.adversarial
+            losses = objective(x, x_rec, q)
+            g_loss = generator_loss(objective.discriminator(x_rec), adv.disc_loss)
+            nll = cfg.lambda_rec * losses.recon_loss + cfg.lambda_perc * losses.perc_loss
+            weight = adaptive_weight(nll, g_loss, last_layer, max_weight=adv.disc_weight_max)
+            d_weight = weight * (cfg.lambda_gan * ramp_weight(batch, adv.disc_start, adv.disc_ramp_steps))
+            return GeneratorOutput(losses, g_loss.detach(), d_weight, losses.total_loss + d_weight * g_loss)
+
+        objective.generator = textbook  # this model only: the step as it was
 
 
 def load_batches(folder: Path, steps: int, batch: int, size: int) -> list[torch.Tensor]:
@@ -84,25 +121,39 @@ def load_batches(folder: Path, steps: int, batch: int, size: int) -> list[torch.
     return list(x.split(batch))
 
 
-def run(name: str, kwargs: dict, state: dict, batches: list[torch.Tensor], *, precision: str = "bf16-mixed",
+def run(name: str, kwargs: dict, state: dict | None, batches: list[torch.Tensor], *, precision: str = "bf16-mixed",
         channels_last: bool = False, compile: bool = False, phase_conv: bool = False,
         textbook: bool = False) -> list[dict[str, float]]:
     torch.manual_seed(0)
-    model = Recorded(channels_last=channels_last, compile=compile, **kwargs)
-    model.load_state_dict(state)
-    model.textbook_generator = textbook
+    model = Recorded(**arguments(dict(kwargs, channels_last=channels_last, compile=compile)))
+    if state is not None:
+        model.load_state_dict(state)
+    if textbook:
+        model.use_textbook_generator()
+    initial_sha = tokenizer_sha256(model)
     for module in model.modules():
         if isinstance(module, Upsample):
             module.phase_conv = phase_conv
-    trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, logger=False,
+    trainer = pl.Trainer(accelerator=ACCELERATOR[0], devices=1, precision=precision, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          max_epochs=1, limit_val_batches=0, benchmark=False, deterministic=False)
     trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
     print(f"  {name}: {len(model.record)} steps, last total loss {model.record[-1]['total']:.5f}", flush=True)
+    model.record.insert(0, {"initial_weights": initial_sha})
     return model.record
 
 
+def tokenizer_sha256(model: VQVAEModel) -> str:
+    """The tokenizer's weights hash, computed alike by 0.1 and 0.2."""
+    if GROUPED:
+        return model.tokenizer.weights_sha256()
+    from animevq.checkpoint import weights_sha256
+
+    return weights_sha256(model)
+
+
 def rel_diff(a: list[dict[str, float]], b: list[dict[str, float]], key: str, upto: int | None = None) -> float:
+    a, b = a[1:], b[1:]  # after the initial weights' hash
     pairs = list(zip(a, b))[:upto]
     return statistics.mean(abs(x[key] - y[key]) / max(abs(y[key]), 1e-8) for x, y in pairs if key in x and key in y)
 
@@ -115,19 +166,27 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--variants", nargs="+", default=["vqvae", "vqgan"], choices=["vqvae", "vqgan"])
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--baseline", type=Path, default=None, help="src/ of another animevq: compare versions")
+    p.add_argument("--accelerator", default="gpu", help="cpu: a smoke test of the script, not a measurement")
+    p.add_argument("--eager", action="store_true", help="--baseline: the final configuration without compiling")
+    p.add_argument("--record", type=Path, default=None, help=argparse.SUPPRESS)  # a baseline process's output
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/equivalence.py needs a CUDA GPU")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/equivalence.py needs a CUDA GPU (or --accelerator cpu for a smoke test)")
+    ACCELERATOR[0] = args.accelerator
     # The float32 reference is true float32: no TF32 in convolutions or matrix products.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     batches = load_batches(args.data_dir, args.steps, args.batch, args.size)
+    if args.record or args.baseline:
+        compare_versions(args, batches)
+        return
     results: dict[str, dict[str, list]] = {}
     table = []
     for variant in args.variants:
         kwargs = VQVAE if variant == "vqvae" else VQGAN
         torch.manual_seed(0)
-        state = {k: v.clone() for k, v in VQVAEModel(**kwargs).state_dict().items()}
+        state = {k: v.clone() for k, v in VQVAEModel(**arguments(kwargs)).state_dict().items()}
         gan = variant == "vqgan"
         chain = [("float32 eager", dict(precision="32-true", textbook=gan)),
                  ("bf16 eager NCHW" + (" textbook step" if gan else ""), dict(textbook=gan))]
@@ -157,6 +216,43 @@ def main() -> None:
         print(f"{row[0]:<7} {row[1]:<34}{cells}")
     if args.json:
         args.json.write_text(json.dumps({"card": torch.cuda.get_device_name(), "runs": results}, indent=1))
+
+
+FINAL = dict(channels_last=True, compile=True, phase_conv=True)  # what the presets train with
+
+
+def compare_versions(args: argparse.Namespace, batches: list[torch.Tensor]) -> None:
+    """This checkout's final configuration twice, and the baseline's once (in a subprocess)."""
+    variants = {"vqvae": VQVAE, "vqgan": VQGAN}
+    final = dict(FINAL, compile=not args.eager)
+    if args.record:  # inside the baseline's process: record and leave
+        runs = {v: run(f"{v} (baseline)", variants[v], None, batches, **final) for v in args.variants}
+        args.record.write_text(json.dumps(runs))
+        return
+    record = Path(args.json or "equivalence-versions.json").with_suffix(".baseline.json")
+    command = [sys.executable, __file__, str(args.data_dir), "--steps", str(args.steps), "--batch", str(args.batch),
+               "--size", str(args.size), "--variants", *args.variants, "--record", str(record),
+               "--accelerator", args.accelerator, *(["--eager"] if args.eager else [])]
+    subprocess.run(command, check=True, env=dict(os.environ, ANIMEVQ_SRC=str(args.baseline.resolve())))
+    baseline = json.loads(record.read_text())
+    card = torch.cuda.get_device_name() if args.accelerator == "gpu" else "CPU (smoke test)"
+    print(f"\n{card}, torch {torch.__version__}, {args.steps} steps of {args.batch} real images at {args.size}px, "
+          f"bf16, channels_last, {'eager' if args.eager else 'compiled'}; mean relative difference of the step losses")
+    print(f"{'variant':<7} {'comparison':<40}{'total, 10 steps':>16}{'all steps':>11}{'G loss, all':>13}")
+    results = {}
+    for variant in args.variants:
+        runs = {"this": run(f"{variant} (this)", variants[variant], None, batches, **final),
+                "this, again": run(f"{variant} (this, again)", variants[variant], None, batches, **final),
+                "baseline": baseline[variant]}
+        results[variant] = runs
+        same_start = runs["this"][0] == runs["baseline"][0]
+        for label, a, b in (("this vs this again (run-to-run noise)", "this, again", "this"),
+                            (f"this vs baseline (same start: {same_start})", "baseline", "this")):
+            g = f"{rel_diff(runs[a], runs[b], 'g_loss'):>13.2e}" if variant == "vqgan" else ""
+            print(f"{variant:<7} {label:<40}{rel_diff(runs[a], runs[b], 'total', 10):>16.2e}"
+                  f"{rel_diff(runs[a], runs[b], 'total'):>11.2e}{g}")
+    if args.json:
+        args.json.write_text(json.dumps({"card": card, "runs": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@
     python benchmarks/quality.py DATA_DIR --steps 2000 --out results/ --name restart-on
     python benchmarks/quality.py DATA_DIR --steps 2000 --no-restart --name restart-off
     python benchmarks/quality.py DATA_DIR --steps 5000 --gan --disc_start 2500 --name vqgan
-    python benchmarks/quality.py DATA_DIR --set dead_code_threshold=0.5 --name threshold-0.5
+    python benchmarks/quality.py DATA_DIR --set quantizer.dead_code_threshold=0.5 --name threshold-0.5
 
 Trains ``VQVAEModel`` (the seed's defaults at 256×256, batch 32, bf16-mixed) with a CSV
 logger and prints, at each validation, the validation reconstruction loss and the code usage
 and perplexity over the whole validation set, and the windowed training usage. At the end,
-the validation codes are split by what their cells show (``animevq.evaluate.CodeTally``):
+the validation codes are split by what their cells show (``animevq.tools.evaluate.CodeTally``):
 perplexity over cells with some drawing, and the share of flat-background cells.
 LPIPS is off unless ``--lpips_vgg_weights`` is given (a random VGG is not perceptual).
 
@@ -35,9 +35,9 @@ import torch  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from animevq.data import AnimeDataModule  # noqa: E402
-from animevq.evaluate import CodeTally  # noqa: E402
-from animevq.lightning_module import VQVAEModel  # noqa: E402
-from animevq.nn.quantizer import lloyd, nearest_code  # noqa: E402
+from animevq.nn.quantizers import lloyd, nearest_code  # noqa: E402
+from animevq.tools.evaluate import CodeTally  # noqa: E402
+from animevq.train.module import VQVAEModel  # noqa: E402
 
 
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -75,11 +75,12 @@ def lookup_latents(model: VQVAEModel, loader, device: torch.device, limit: int |
     """[(B,h,w,D) float32 latents as the quantiser compares them, (B,C,H,W) images in [0,1])] of
     the loader's batches, up to ``limit`` images."""
     out, seen = [], 0
-    model = model.to(device).eval()
+    tokenizer = model.to(device).eval().tokenizer
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for batch in loader:
             x = VQVAEModel.images_of(batch).to(device)
-            out.append((model.quantizer._prepare(model.quant_conv(model.encoder(x))), (x.float() + 1) / 2))
+            z_e = tokenizer.quant_conv(tokenizer.encoder(x))
+            out.append((tokenizer.quantizer._prepare(z_e), (x.float() + 1) / 2))
             seen += x.shape[0]
             if limit is not None and seen >= limit:
                 break
@@ -106,7 +107,7 @@ def kmeans_check(model: VQVAEModel, data: AnimeDataModule, val: list, device: to
     scored on ``val`` (``lookup_latents`` of the validation set)."""
     train = torch.cat([z.reshape(-1, z.shape[-1]) for z, _ in
                        lookup_latents(model, data.train_dataloader(), device, images)])
-    quantizer = model.quantizer
+    quantizer = model.tokenizer.quantizer
     trained = quantizer.embedding.detach().float().clone()
     torch.manual_seed(0)
     pool = train[torch.randperm(train.shape[0], device=train.device)[: 64 * quantizer.num_embeddings]]
@@ -156,26 +157,34 @@ def main() -> None:
     p.add_argument("--precision", default="bf16-mixed")
     p.add_argument("--seed", type=int, default=0, help="initial weights (the split and batch order stay fixed)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="any other VQVAEModel argument, a Python literal (repeatable)")
+                   help="any other VQVAEModel argument (GROUP.NAME for a group's), a Python literal (repeatable)")
     p.add_argument("--kmeans_check", action="store_true",
                    help="score k-means codebooks for the trained encoder's latents beside the trained one")
     p.add_argument("--kmeans_images", type=int, default=3200, help="training images for --kmeans_check")
     p.add_argument("--kmeans_iters", type=int, default=30)
     a = p.parse_args()
-    overrides = {}
-    for item in a.set:
+    overrides: dict = {}
+    for item in a.set:  # NAME=VALUE for a seed parameter, GROUP.NAME=VALUE for the others
         name, _, value = item.partition("=")
-        overrides[name] = ast.literal_eval(value)
+        group, _, field = name.rpartition(".")
+        if group:
+            overrides.setdefault(group, {})[field] = ast.literal_eval(value)
+        else:
+            overrides[name] = ast.literal_eval(value)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     pl.seed_everything(a.seed)
     lpips = a.lpips_vgg_weights is not None
+    groups = {"losses": {"lpips_vgg_weights": a.lpips_vgg_weights},
+              "quantizer": {"restart_dead_codes": not a.no_restart},
+              "optimization": {"warmup_steps": 200, **({"grad_clip_norm": 1.0} if a.gan else {})},
+              "speed": {"compile": a.compile}}
+    if a.gan:
+        groups["adversarial"] = {"disc_start": a.disc_start, "disc_ramp_steps": a.disc_ramp_steps, "disc_norm": "group"}
+    for name, value in overrides.items():
+        groups[name] = {**groups.get(name, {}), **value} if isinstance(value, dict) else value
     model = VQVAEModel(
-        use_lpips=lpips, lambda_perc=0.5 if lpips else 0.0, lpips_vgg_weights=a.lpips_vgg_weights,
-        restart_dead_codes=not a.no_restart, log_every_n_steps=a.log_every, log_images_every_n_steps=10**9,
-        warmup_steps=200, compile=a.compile,
-        **(dict(lambda_gan=a.lambda_gan, disc_start=a.disc_start, disc_ramp_steps=a.disc_ramp_steps,
-                disc_norm="group", betas=(0.5, 0.9), grad_clip_norm=1.0) if a.gan else {}),
-        **overrides,
+        use_lpips=lpips, lambda_perc=0.5 if lpips else 0.0, log_every_n_steps=a.log_every, log_images_every_n_steps=10**9,
+        **(dict(lambda_gan=a.lambda_gan, betas=(0.5, 0.9)) if a.gan else {}), **groups,
     )
     data = AnimeDataModule(a.data_dir, batch_size=a.batch_size, val_split=0.05, image_size=a.image_size,
                            num_workers=a.workers)
@@ -204,12 +213,12 @@ def main() -> None:
               f"last {len(later)} logging intervals)")
     if train:
         last = train[-1]
-        print(f"train (last {model.hparams.usage_window} batches): usage {last['train/code_usage_rate']:.3f}, "
+        print(f"train (last {model.config.logging.usage_window} batches): usage {last['train/code_usage_rate']:.3f}, "
               f"perplexity {last['train/perplexity']:.1f}")
     device = torch.device("cuda" if a.accelerator == "gpu" else "cpu")
     # The validation codes as validation computes them (bf16 on a GPU), kept for --kmeans_check.
     val_latents = lookup_latents(model, data.val_dataloader(), device)
-    codes = score_codebook(model.quantizer.embedding.detach().float(), val_latents)
+    codes = score_codebook(model.tokenizer.quantizer.embedding.detach().float(), val_latents)
     print("validation codes: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in codes.items()))
     summary = {"name": a.name, "batches": model.batches_seen, "seconds": seconds, "val": val, "codes": codes,

@@ -35,14 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lightning.pytorch as pl  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from animevq.lightning_module import VQVAEModel  # noqa: E402
+from animevq.train.module import VQVAEModel  # noqa: E402
 from animevq.nn.blocks import Upsample  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0}  # SPEC §8: ≈800 dense bf16 achievable (datasheet 989)
+RANDOM_LPIPS = {"losses": {"lpips_random_init": True}}  # same FLOPs as the pretrained VGG16
 VARIANTS = {
-    "vqvae+lpips": dict(use_lpips=True, lpips_random_init=True),
+    "vqvae+lpips": dict(use_lpips=True, **RANDOM_LPIPS),
     "vqvae": dict(use_lpips=False, lambda_perc=0.0),
-    "vqgan": dict(use_lpips=True, lpips_random_init=True, lambda_gan=0.1, disc_start=0, disc_norm="group"),
+    "vqgan": dict(use_lpips=True, lambda_gan=0.1, adversarial={"disc_start": 0, "disc_norm": "group"}, **RANDOM_LPIPS),
 }
 
 
@@ -92,9 +93,10 @@ def count_step_flops(model: VQVAEModel, x: torch.Tensor, phase_conv: bool = True
     with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(x)
         loss = out.total_loss
-        if model.discriminator is not None:
-            loss = loss + model.discriminator(out.reconstruction).mean()
-            loss = loss + model.discriminator(x).mean() + model.discriminator(out.reconstruction.detach()).mean()
+        discriminator = model.objective.discriminator
+        if discriminator is not None:
+            loss = loss + discriminator(out.reconstruction).mean()
+            loss = loss + discriminator(x).mean() + discriminator(out.reconstruction.detach()).mean()
         loss.backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
@@ -200,9 +202,9 @@ def kernel_kind(name: str) -> str:
 
 def bench_train(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    model = VQVAEModel(warmup_steps=0, log_every_n_steps=10**9, log_images_every_n_steps=10**9,
-                       channels_last=args.channels_last, compile=args.compile, **VARIANTS[name],
-                       **({} if args.guard else {"max_nonfinite_steps": None})).cuda()
+    model = VQVAEModel(log_every_n_steps=10**9, log_images_every_n_steps=10**9, optimization={"warmup_steps": 0},
+                       speed={"channels_last": args.channels_last, "compile": args.compile}, **VARIANTS[name],
+                       safety={"max_nonfinite_steps": 10 if args.guard else None}).cuda()
     x = torch.rand(args.batch, 3, args.size, args.size, device="cuda") * 2 - 1
     flops = count_step_flops(model, x, phase_conv=False)  # the architecture's FLOPs
     executed = count_step_flops(model, x, phase_conv=args.phase_conv)
@@ -233,7 +235,7 @@ def bench_encode(args: argparse.Namespace) -> dict:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.encoder.compile()
+        model.tokenizer.encoder.compile()
     x = torch.rand(args.encode_batch, 3, args.size, args.size, device="cuda") * 2 - 1
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
