@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's src/ imp
     _root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(_root / "src"))
 
+from animevq.config import LossOptions  # noqa: E402
 from animevq.train.module import VQVAEModel, VQVAEOutput  # noqa: E402
 from animevq.nn import LPIPS, Decoder, Encoder, ResBlock, VectorQuantizerEMA  # noqa: E402
 
@@ -28,7 +29,7 @@ SELF_TEST_CONFIG = dict(  # the seed's 4-stage layout at a fraction of its width
     num_res_blocks=1,
     num_embeddings=64,
     embedding_dim=32,
-    losses={"lpips_random_init": True},  # no pretrained VGG16 needed: LPIPS values are not meaningful
+    losses=LossOptions(lpips_random_init=True),  # no pretrained VGG16 needed: LPIPS values are not meaningful
 )
 
 

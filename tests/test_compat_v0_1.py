@@ -135,3 +135,17 @@ def test_a_0_1_checkpoint_given_by_path_validates_and_resumes(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr[-4000:]
     expected = json.loads((V010 / "vqvae" / "resumed.json").read_text())
     assert load_tokenizer(tmp_path / "vqvae/checkpoints/last.ckpt").weights_sha256() == expected["weights_sha256"]
+
+
+def test_a_0_1_config_file_names_where_each_moved_option_went(capsys: pytest.CaptureFixture[str]) -> None:
+    from animevq.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", "--config", str(V010 / "vqgan" / "fit.yaml"), "--model.grad_clip_norm", "1"])
+    assert done.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    expected = {"disc_start": "adversarial", "lecam_weight": "adversarial", "warmup_steps": "optimization",
+                "grad_clip_norm": "optimization"}
+    assert len(lines) == len(expected)
+    for old, group in expected.items():
+        assert any(f"model.{old} " in line and f"moved to model.{group}.{old}" in line for line in lines), old

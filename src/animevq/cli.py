@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .config import ModelConfig
+from .config import MOVED_IN_0_2, ModelConfig
 from .data import AnimeDataModule, DataReport
 from .runs.checkpoint_io import safe_torch_load, verify_checkpoint
 from .runs.last import LAST_NAME, PREVIOUS_NAME, LastCheckpoint
@@ -159,12 +159,43 @@ def main(argv: list[str] | None = None) -> None:
 
         module = importlib.import_module(TOOLS[argv[0]][0])
         raise SystemExit(module.main(argv))
+    moved = _moved_options(argv)
+    if moved:
+        print("\n".join(f"animevq: error: {m}" for m in moved), file=sys.stderr)
+        raise SystemExit(2)
     try:
         # LightningCLI reads sys.argv itself, and warns when also handed the same arguments.
         _run_cli(None if from_command_line else argv)
     except SIGTERMException:
         log.warning("stopped by SIGTERM after writing the last checkpoint; resume with --ckpt_path last")
         raise SystemExit(EXIT_SIGTERM) from None
+
+
+def _moved_options(argv: list[str]) -> list[str]:
+    """One line per option given in animevq 0.1's flat spelling (a flag or a key of a --config
+    file), saying where 0.2 takes it; LightningCLI alone would only call it unknown."""
+    found: list[tuple[str, str]] = []  # (where, old name)
+    for i, arg in enumerate(argv):
+        name = arg.split("=", 1)[0]
+        if name.startswith("--model.") and name[len("--model."):] in MOVED_IN_0_2:
+            found.append(("the command line", name[len("--model."):]))
+        if name in ("--config", "-c") and i + 1 < len(argv) or name.startswith("--config="):
+            path = Path(arg.split("=", 1)[1] if "=" in arg else argv[i + 1])
+            try:
+                import yaml
+
+                config = yaml.safe_load(path.read_text())
+            except (OSError, ValueError, yaml.YAMLError):
+                continue  # LightningCLI reports a missing or broken file
+            if not isinstance(config, dict):
+                continue
+            for section in (config, *(config.get(c) for c in ("fit", "validate", "test", "predict"))):
+                model = section.get("model") if isinstance(section, dict) else None
+                if isinstance(model, dict):
+                    found += [(str(path), key) for key in model if key in MOVED_IN_0_2]
+    return [f"model.{old} (in {where}) moved to model.{MOVED_IN_0_2[old]} in animevq 0.2: "
+            f"write --model.{MOVED_IN_0_2[old]}, or nest it under {MOVED_IN_0_2[old].split('.')[0]}: in YAML"
+            for where, old in found]
 
 
 def _run_cli(argv: list[str] | None) -> None:

@@ -24,6 +24,7 @@ from .nn.config import TokenizerConfig, VQConfig, VQOptions, config_from_mapping
 __all__ = [
     "ARCHITECTURE_KEYS",
     "GROUPS",
+    "MOVED_IN_0_2",
     "SEED_DEFAULTS",
     "SEED_PARAMETERS",
     "AdversarialOptions",
@@ -208,6 +209,8 @@ GROUPS: dict[str, type] = {
     "speed": SpeedOptions,
     "safety": SafetyOptions,
 }
+# animevq 0.1 took every option flat (model.warmup_steps); 0.2 takes it in its group.
+MOVED_IN_0_2: dict[str, str] = {f.name: f"{group}.{f.name}" for group, kind in GROUPS.items() for f in fields(kind)}
 # The seed's table, in its order, and the config class that holds each parameter's default.
 _SEED_HOMES: tuple[tuple[type, tuple[str, ...]], ...] = (
     (TokenizerConfig, ("in_channels", "latent_channels", "encoder_channels", "decoder_channels", "num_res_blocks")),
