@@ -73,14 +73,18 @@ class AnimeVQCLI(LightningCLI):
         parser.link_arguments("run_dir", "trainer.default_root_dir")
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's merge of a checkpoint's hyperparameters into the config (for
-        ``--ckpt_path FILE``), with those of animevq 0.1 (all flat) moved into their groups."""
+        """Before anything reads the checkpoint: refuse a truncated or corrupt one. Then
+        Lightning's merge of its hyperparameters into the config (for ``--ckpt_path FILE``),
+        with those of animevq 0.1 (all flat) moved into their groups."""
         if not self.config.get("subcommand"):
             return
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        config = self.config[self.config.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        self._verify_resume_checkpoint(ckpt_path, Path(config["run_dir"]))
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return
-        hparams = safe_torch_load(ckpt_path).get("hyper_parameters", {})
+        checkpoint = safe_torch_load(ckpt_path)
+        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
         if not hparams:
             return
         hparams = ModelConfig.from_hparams(hparams).to_hparams()
@@ -89,7 +93,6 @@ class AnimeVQCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = Path(config["run_dir"])
-        self._verify_resume_checkpoint(config.get("ckpt_path"), run_dir)
         if "weights_only" in config and config["weights_only"] is None:
             # Lightning would unpickle anything in a resumed checkpoint; ours hold only tensors
             # and plain values, so nothing else is accepted.
