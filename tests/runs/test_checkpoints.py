@@ -80,6 +80,8 @@ def test_damaged_last_checkpoint_is_refused_naming_the_previous_one(tmp_path: Pa
     # The CLI checks before it builds anything.
     with pytest.raises(CheckpointError, match=r"previous\.ckpt is intact"):
         cli_main(["fit", "--run_dir", str(tmp_path / "run"), "--ckpt_path", "last", "--trainer.logger", "false"])
+    with pytest.raises(CheckpointError, match=r"previous\.ckpt is intact"):  # given by path: checked as first read
+        cli_main(["fit", "--run_dir", str(tmp_path / "run"), "--ckpt_path", str(last), "--trainer.logger", "false"])
 
     last.write_bytes(good)
     _flip_a_tensor_byte(last)  # same length, one bit pattern changed: only the CRC sees it
