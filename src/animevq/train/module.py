@@ -30,6 +30,7 @@ from ..config import (
 from ..nn.config import VQOptions
 from ..nn.quantizers import code_stats
 from ..nn.tokenizer import Tokenizer, read_pretrained
+from ..nn.weights import check_state_dict
 from ..runs.checkpoint_io import CheckpointError, migrate_state_dict
 from ..runs.last import LastCheckpoint
 from .gan import GanStep
@@ -169,8 +170,8 @@ class VQVAEModel(pl.LightningModule):
             model = cls(**hparams)
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"the config in {directory} does not build a VQVAEModel: {error}") from error
-        model.tokenizer.load_state_dict(Tokenizer.from_state(
-            model.config.tokenizer, pretrained.state, source=str(pretrained.weights_path)).state_dict())
+        check_state_dict(model.tokenizer, pretrained.state, source=str(pretrained.weights_path))
+        model.tokenizer.load_state_dict(pretrained.state)
         return model.eval()
 
     # ------------------------------------------------------------------ speed
