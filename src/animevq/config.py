@@ -257,19 +257,19 @@ class ModelConfig:
         opts = {name: config_from_mapping(kind, groups.get(name, {}), what=f"model.{name}")
                 for name, kind in GROUPS.items()}
 
-        def part(home: type, names: tuple[str, ...], options: Any) -> Any:
+        def part(home: type, names: tuple[str, ...], group: str) -> Any:
             values = {k: seed[k] for k in names if k in seed}
-            return home(**values, **{f.name: getattr(options, f.name) for f in fields(options)})
+            return home(**values, **{f.name: getattr(opts[group], f.name) for f in fields(GROUPS[group])})
 
         homes = dict(_SEED_HOMES)
-        quantizer = part(VQConfig, homes[VQConfig], opts["quantizer"])
+        quantizer = part(VQConfig, homes[VQConfig], "quantizer")
         arch = {k: seed[k] for k in homes[TokenizerConfig] if k in seed}
         return cls(
             tokenizer=TokenizerConfig(**arch, quantizer=quantizer),
-            losses=part(LossConfig, homes[LossConfig], opts["losses"]),
+            losses=part(LossConfig, homes[LossConfig], "losses"),
             adversarial=opts["adversarial"],
-            optimization=part(OptimizerConfig, homes[OptimizerConfig], opts["optimization"]),
-            logging=part(LoggingConfig, homes[LoggingConfig], opts["logging"]),
+            optimization=part(OptimizerConfig, homes[OptimizerConfig], "optimization"),
+            logging=part(LoggingConfig, homes[LoggingConfig], "logging"),
             speed=opts["speed"],
             safety=opts["safety"],
         )

@@ -38,8 +38,11 @@ def plain(value: Any) -> Any:
 def config_from_mapping(cls: type, values: Mapping[str, Any], *, what: str) -> Any:
     """``cls(**values)`` for a config dataclass, refusing keys it does not have (naming them
     and ``what`` the values came from) and turning lists back into tuples."""
-    if isinstance(values, cls):
+    if type(values) is cls:
         return values
+    if isinstance(values, cls):  # e.g. a whole VQConfig where VQOptions is asked: its other fields would be lost
+        raise TypeError(f"{what} takes a {cls.__name__} (or a mapping of its fields), not a {type(values).__name__}; "
+                        f"{sorted({f.name for f in fields(values)} - {f.name for f in fields(cls)})} are set elsewhere")
     if not isinstance(values, Mapping):
         raise TypeError(f"{what} must be a {cls.__name__} or a mapping of its fields, got {type(values).__name__}")
     known = {f.name: f for f in fields(cls) if f.init}
@@ -105,15 +108,6 @@ class VQConfig(VQOptions):
                              f"got {self.num_embeddings}, {self.embedding_dim}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
-
-    @property
-    def options(self) -> VQOptions:
-        """The fields beyond the seed's table."""
-        return VQOptions(**{f.name: getattr(self, f.name) for f in fields(VQOptions)})
-
-    @property
-    def codebook_size(self) -> int:
-        return self.num_embeddings
 
 
 # Quantizer families by the name stored in config.json ("family").
