@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from .nn.config import TokenizerConfig, VQConfig, VQOptions, config_from_mapping, plain
+from .nn.discriminator import BASE_CHANNELS, DiscriminatorNorm
 
 __all__ = [
     "ARCHITECTURE_KEYS",
@@ -28,6 +29,7 @@ __all__ = [
     "SEED_DEFAULTS",
     "SEED_PARAMETERS",
     "AdversarialOptions",
+    "DiscLoss",
     "LoggingConfig",
     "LoggingOptions",
     "LossConfig",
@@ -41,7 +43,6 @@ __all__ = [
 ]
 
 DiscLoss = Literal["hinge", "nonsaturating"]
-DiscNorm = Literal["batch", "group", "none", "spectral"]
 LrSchedule = Literal["cosine", "constant"]
 
 
@@ -88,9 +89,9 @@ class AdversarialOptions:
     """Batches over which the GAN weight ramps linearly from 0 to 1 after disc_start (0: at once)."""
     disc_loss: DiscLoss = "hinge"
     """Discriminator loss: "hinge" (taming) or "nonsaturating" (cross-entropy on logits)."""
-    disc_norm: DiscNorm = "batch"
+    disc_norm: DiscriminatorNorm = "batch"
     """The discriminator's normalisation: "batch" (taming), "group", "none" or "spectral"."""
-    disc_channels: int = 64
+    disc_channels: int = BASE_CHANNELS
     """Width of the discriminator's first layer (64 in pix2pix and taming)."""
     disc_learning_rate: float | None = None
     """The discriminator's learning rate; None: learning_rate."""
@@ -103,7 +104,7 @@ class AdversarialOptions:
 
     def __post_init__(self) -> None:
         _check_choice("disc_loss", self.disc_loss, DiscLoss)
-        _check_choice("disc_norm", self.disc_norm, DiscNorm)
+        _check_choice("disc_norm", self.disc_norm, DiscriminatorNorm)
         if self.disc_start < 0 or self.disc_ramp_steps < 0:
             raise ValueError(f"disc_start and disc_ramp_steps must be >= 0, got {self.disc_start}, "
                              f"{self.disc_ramp_steps}")

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from .blocks import group_norm
 
-__all__ = ["PatchDiscriminator", "DiscriminatorNorm", "patch_grid_size", "min_input_size"]
+__all__ = ["BASE_CHANNELS", "NUM_LAYERS", "PatchDiscriminator", "DiscriminatorNorm", "patch_grid_size", "min_input_size"]
 
 DiscriminatorNorm = Literal["batch", "group", "none", "spectral"]
 NORM_CHOICES: tuple[str, ...] = get_args(DiscriminatorNorm)
@@ -28,13 +28,15 @@ PADDING = 1
 LEAKY_SLOPE = 0.2  # DCGAN (Radford et al. 2016) / pix2pix
 MAX_WIDTH_MULT = 8  # pix2pix caps the width at 8× base channels (512 for base 64)
 INIT_STD = 0.02  # DCGAN initialisation, kept by pix2pix and taming
+BASE_CHANNELS = 64  # pix2pix and taming
+NUM_LAYERS = 3  # taming: a 70×70 receptive field
 
 
 def _conv_out(size: int, stride: int) -> int:
     return (size + 2 * PADDING - KERNEL_SIZE) // stride + 1
 
 
-def patch_grid_size(size: int, num_layers: int = 3) -> int:
+def patch_grid_size(size: int, num_layers: int = NUM_LAYERS) -> int:
     """Side of the logits map for an input side ``size`` (256 -> 30 with 3 layers).
 
     ``num_layers`` stride-2 convolutions, then two stride-1 ones, each 4×4 with padding 1.
@@ -47,7 +49,7 @@ def patch_grid_size(size: int, num_layers: int = 3) -> int:
     return size
 
 
-def min_input_size(num_layers: int = 3) -> int:
+def min_input_size(num_layers: int = NUM_LAYERS) -> int:
     """Smallest input side that yields a logits map (24 px for 3 layers).
 
     Each stride-2 conv floors the side to half and the two stride-1 convs take 1 px each,
@@ -97,8 +99,8 @@ class PatchDiscriminator(nn.Module):
     def __init__(
         self,
         in_channels: int = 3,
-        base_channels: int = 64,
-        num_layers: int = 3,
+        base_channels: int = BASE_CHANNELS,
+        num_layers: int = NUM_LAYERS,
         *,
         norm: DiscriminatorNorm = "batch",
     ) -> None:

@@ -31,6 +31,9 @@ from ..data import (
 
 log = logging.getLogger(__name__)
 
+IMAGE_SIZE = 256  # the tools' default resolution: the seed's
+BATCH_SIZE = 64  # images per batch of encode, decode and reconstruct
+
 
 class ImageFiles(Dataset):
     """Files under ``root`` as uint8 (3,S,S) tensors (resize short side + centre crop).
@@ -196,8 +199,9 @@ def run_tool(command: str, work: Callable[[], str | None], *, interrupted: str |
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, image_size: bool = True, workers: bool = True) -> None:
     if image_size:
-        parser.add_argument("--image_size", type=int, default=256, help="images are resized and centre-cropped to this")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per batch")
+        parser.add_argument("--image_size", type=int, default=IMAGE_SIZE,
+                            help="images are resized and centre-cropped to this")
+    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="images per batch")
     parser.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", default="auto", choices=("auto", "32", "bf16-mixed", "16-mixed"),
                         help="auto: bf16-mixed on GPUs that support it, else 32")

@@ -30,6 +30,7 @@ from ..runs.checkpoint_io import load_tokenizer
 from ..tracking.images import code_usage_plot, make_reconstruction_grid
 from . import metrics
 from .common import (
+    IMAGE_SIZE,
     add_common_arguments,
     autocast,
     image_batches,
@@ -46,6 +47,7 @@ __all__ = ["REPORT_NAME", "CodeTally", "evaluate", "main"]
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.json"
+EVALUATE_BATCH_SIZE = 16  # smaller than the other tools': LPIPS and Inception run beside the tokenizer
 NUM_SAMPLES = 8  # columns of samples.png
 # Below this many images the 2048×2048 feature covariance is rank-deficient and rFID is
 # strongly biased upwards: numbers are comparable only between runs of equal size.
@@ -131,8 +133,8 @@ def evaluate(
     tokenizer: Tokenizer,
     data_dir: str | Path,
     *,
-    batch_size: int = 16,
-    image_size: int = 256,
+    batch_size: int = EVALUATE_BATCH_SIZE,
+    image_size: int = IMAGE_SIZE,
     device: str | torch.device = "cpu",
     fid_weights: str | Path | None = None,
     compute_fid: bool = True,
@@ -253,7 +255,7 @@ def main(argv: Sequence[str]) -> int:
                         help=f"local FID Inception-v3 weights ({metrics.FID_WEIGHTS_FILE} from torch-fidelity)")
     parser.add_argument("--lpips_vgg_weights", default=None, help="local torchvision VGG16 state dict for LPIPS")
     add_common_arguments(parser)
-    parser.set_defaults(batch_size=16, precision="32")  # full precision: metrics must not move with dtype
+    parser.set_defaults(batch_size=EVALUATE_BATCH_SIZE, precision="32")  # full precision: metrics must not move with dtype
     args = parser.parse_args(list(argv[1:]))
 
     def work() -> str:

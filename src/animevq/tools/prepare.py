@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from ..data.prepare import MEGABYTE, PrepareOptions, prepare_folder
 from .common import run_tool
 
@@ -26,12 +25,13 @@ def main(argv: Sequence[str]) -> int:
     add = parser.add_argument
     add("src", help="folder of images (searched recursively)")
     add("dst", help="new folder to write; pass it as data_dir afterwards")
-    add("--size", type=int, default=256, help="stored short side; train at image_size <= size")
-    add("--max_aspect", type=float, default=2.0, help="longest stored side / size")
+    defaults = PrepareOptions()
+    add("--size", type=int, default=defaults.size, help="stored short side; train at image_size <= size")
+    add("--max_aspect", type=float, default=defaults.max_aspect, help="longest stored side / size")
     add("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
     add("--shard_size_mb", type=float, default=1024.0, help="size of each shard file")
-    add("--min_image_size", type=int, default=DEFAULT_MIN_SIDE, help="skip smaller images")
-    add("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger ones")
+    add("--min_image_size", type=int, default=defaults.min_image_size, help="skip smaller images")
+    add("--max_image_pixels", type=int, default=defaults.max_image_pixels, help="refuse larger ones")
     add("--overwrite", action="store_true", help="replace a prepared DST")
     add("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv)[1:])

@@ -12,12 +12,15 @@ Adversarial Networks under Limited Data", eq. 3).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..config import AdversarialOptions as _A  # the one place of the defaults below
+from ..config import DiscLoss as GanLossKind
 
 __all__ = [
     "GanLossKind",
@@ -33,7 +36,6 @@ __all__ = [
     "ramp_weight",
 ]
 
-GanLossKind = Literal["hinge", "nonsaturating"]
 GAN_LOSS_KINDS: tuple[str, ...] = get_args(GanLossKind)
 
 
@@ -90,7 +92,7 @@ def adaptive_weight(
     g_loss: Tensor,
     last_layer: Tensor,
     *,
-    max_weight: float = 1e4,  # taming's clamp
+    max_weight: float = _A.disc_weight_max,  # taming's clamp
     eps: float = 1e-4,  # taming's eps; far above float16's smallest normal (6e-5)
 ) -> Tensor:
     """Balance of the GAN loss against the reconstruction loss (Esser et al. 2021, eq. 7).
@@ -111,7 +113,7 @@ def adaptive_weight_from_grads(
     nll_grad: Tensor,
     g_grad: Tensor,
     *,
-    max_weight: float = 1e4,
+    max_weight: float = _A.disc_weight_max,
     eps: float = 1e-4,
 ) -> Tensor:
     """:func:`adaptive_weight` from the two gradients ∇_W L_nll and ∇_W L_G, already computed."""

@@ -17,16 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdversarialOptions, LossConfig
-from ..nn.discriminator import PatchDiscriminator
+from ..nn.discriminator import NUM_LAYERS, PatchDiscriminator
 from ..nn.quantizers import QuantizerOutput
 from ..nn.quantizers.base import TrainingSnapshot, restore_buffers, snapshot_buffers
 from ..nn.tokenizer import TokenizerOutput
 from .losses import LeCamEMA, adaptive_weight_from_grads, d_loss, generator_loss, lecam_loss, ramp_weight
 
-__all__ = ["DISC_LAYERS", "DiscriminatorOutput", "GeneratorOutput", "Objective", "ObjectiveOutput", "VQVAEOutput"]
-
-DISC_LAYERS = 3  # taming / pix2pix: a 70×70 receptive field
-
+__all__ = ["DiscriminatorOutput", "GeneratorOutput", "Objective", "ObjectiveOutput", "VQVAEOutput"]
 
 class ObjectiveOutput(NamedTuple):
     """The VQ-VAE losses of one reconstruction."""
@@ -99,7 +96,7 @@ class Objective(nn.Module):
         self.discriminator: PatchDiscriminator | None = None
         self.lecam: LeCamEMA | None = None
         if losses.lambda_gan > 0:
-            self.discriminator = PatchDiscriminator(in_channels, adversarial.disc_channels, DISC_LAYERS,
+            self.discriminator = PatchDiscriminator(in_channels, adversarial.disc_channels, NUM_LAYERS,
                                                     norm=adversarial.disc_norm)
             self.lecam = LeCamEMA() if adversarial.lecam_weight > 0 else None
         self.quantizer_weights = {"vq_loss": losses.lambda_vq, "commitment_loss": losses.lambda_commit}
