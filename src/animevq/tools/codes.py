@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
-import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +40,21 @@ from .common import (
     run_tool,
     save_pngs,
 )
+from .manifest import (
+    FORMAT,
+    MANIFEST_NAME,
+    check_manifest,
+    read_manifest,
+    sha256_file,
+    shard_batches,
+    write_json,
+    write_shard,
+)
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "decode_tokens", "encode_folder", "main", "reconstruct"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "animevq.codes/1"
-MANIFEST_NAME = "manifest.json"
 INT16_MAX_CODES = 32767  # int16 (half the disk and RAM of int32) for codebooks of up to this many codes
 DEFAULT_SHARD_SIZE = 10_000  # 10k 16×16 grids = 5 MB per int16 shard
 # Measured on one H100, 256 px, default model, bf16: the encoder runs ~1.8k img/s eager and
@@ -59,43 +65,13 @@ _RESUME_KEYS = ("format", "model_sha256", "num_embeddings", "grid", "image_size"
                 "precision", "source_count", "source_sha256")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)  # atomic: an interrupted run never leaves half a manifest
-
-
-def _write_shard(out: Path, index: int, codes: np.ndarray, shards: list[dict[str, Any]], shard_size: int,
-                 end: int) -> dict[str, Any]:
-    """Write codes (n,h,w) atomically as shard ``index``; returns its manifest entry."""
-    name = f"codes-{index:05d}.npy"
-    with open(out / (name + ".tmp"), "wb") as f:
-        np.save(f, codes)
-    os.replace(out / (name + ".tmp"), out / name)
-    offset = shards[-1]["offset"] + shards[-1]["count"] if shards else 0
-    return {"name": name, "sources": [index * shard_size, end], "offset": offset, "count": len(codes),
-            "sha256": _sha256_file(out / name)}
-
-
 def _resumable_shards(
-    out: Path, header: dict[str, Any]
+    out: Path, header: dict[str, Any], tokenizer: Tokenizer
 ) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
     """(verified shards, their files, their skipped) of an existing manifest matching ``header``."""
-    path = out / MANIFEST_NAME
-    if not path.exists():
+    if not (out / MANIFEST_NAME).exists():
         return [], [], []
-    try:
-        old = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); delete {out} or choose another --out") from error
+    old = read_manifest(out)
     differ = [k for k in _RESUME_KEYS if old.get(k) != header[k]]
     if differ:
         detail = ", ".join(f"{k}: {old.get(k)!r} → {header[k]!r}" for k in differ)
@@ -103,16 +79,16 @@ def _resumable_shards(
             f"--out {out} already holds codes made with other settings ({detail}); "
             "choose a new --out folder, or delete this one to start over"
         )
+    checked = check_manifest(out, old, downsample_factor=tokenizer.downsample_factor,
+                             codebook_size=tokenizer.codebook_size, headers=False)
     shards = []
-    for i, entry in enumerate(old.get("shards", [])):
-        file = out / entry["name"]
-        if entry["name"] != f"codes-{i:05d}.npy" or not file.is_file() or _sha256_file(file) != entry["sha256"]:
+    for shard, entry in zip(checked, old["shards"]):
+        if not shard.path.is_file() or sha256_file(shard.path) != shard.sha256:
             break  # keep the verified prefix; this shard and later ones are redone
         shards.append(entry)
     end = shards[-1]["offset"] + shards[-1]["count"] if shards else 0
-    if len(old.get("files", [])) < end:  # an inconsistent manifest: trust none of it
-        return [], [], []
-    skipped = [s for s in old.get("skipped", []) if s["shard"] < len(shards)]
+    skipped = [s for s in old["skipped"] if isinstance(s, dict) and isinstance(s.get("shard"), int)
+               and s["shard"] < len(shards)]
     return shards, old["files"][:end], skipped
 
 
@@ -154,7 +130,7 @@ def encode_folder(
         "source_count": len(sources),
         "source_sha256": hashlib.sha256("\n".join(sources).encode("utf-8", "surrogateescape")).hexdigest(),
     }
-    shards, files, skipped = _resumable_shards(out, header)
+    shards, files, skipped = _resumable_shards(out, header, tokenizer)
     manifest = {**header, "data_dir": str(root), "files": files, "shards": shards, "skipped": skipped,
                 "complete": False}
     tokenizer = tokenizer.to(device).eval()
@@ -177,11 +153,12 @@ def encode_folder(
             bar.update(len(batch.positions) + len(batch.skipped))
             if done == min(len(sources), (shard + 1) * shard_size):  # the shard's last batch
                 codes = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, side, side))
-                shards.append(_write_shard(out, shard, codes.astype(header["dtype"]), shards, shard_size, done))
-                _write_json(out / MANIFEST_NAME, manifest)
+                offset = shards[-1]["offset"] + shards[-1]["count"] if shards else 0
+                shards.append(write_shard(out, shard, codes.astype(header["dtype"]), offset, [shard * shard_size, done]))
+                write_json(out / MANIFEST_NAME, manifest)
                 rows = []
     manifest["complete"] = True
-    _write_json(out / MANIFEST_NAME, manifest)
+    write_json(out / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -203,30 +180,6 @@ def _compiled_encode(tokenizer: Tokenizer, batch_size: int) -> Callable[[torch.T
     return encode
 
 
-def read_manifest(tokens_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a token folder, with an error naming what is missing."""
-    path = Path(tokens_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise ValueError(f"{tokens_dir} holds no {MANIFEST_NAME}; create token folders with `animevq encode`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an animevq token manifest (format {manifest.get('format')!r})")
-    return manifest
-
-
-def load_shards(tokens_dir: str | Path, manifest: dict[str, Any]) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """(codes (n,h,w), their source files) per shard, each checked against the manifest."""
-    folder = Path(tokens_dir)
-    for entry in manifest["shards"]:
-        path = folder / entry["name"]
-        if not path.is_file() or _sha256_file(path) != entry["sha256"]:
-            raise ValueError(
-                f"shard {path} is missing or changed since encoding; re-run `animevq encode` into {folder}"
-            )
-        codes = np.load(path, allow_pickle=False)
-        yield codes, manifest["files"][entry["offset"] : entry["offset"] + entry["count"]]
-
-
 def decode_tokens(
     tokenizer: Tokenizer,
     tokens_dir: str | Path,
@@ -238,35 +191,44 @@ def decode_tokens(
     model_sha256: str | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Decode a token folder to PNGs named after the source files; returns the paths written."""
+    """Decode a token folder to PNGs named after the source files; returns the paths written.
+
+    The folder is untrusted: its manifest and every shard header are checked against the model
+    and the folder before the output folder is created (``animevq.tools.manifest``)."""
     manifest = read_manifest(tokens_dir)
     k = tokenizer.codebook_size
-    if manifest["num_embeddings"] != k:
-        raise ValueError(
-            f"tokens in {tokens_dir} use a codebook of {manifest['num_embeddings']} codes but the model has {k}; "
-            "decode with the checkpoint that encoded them"
-        )
+    shards = check_manifest(tokens_dir, manifest, downsample_factor=tokenizer.downsample_factor, codebook_size=k)
     digest = model_sha256 or tokenizer.weights_sha256()
     if manifest["model_sha256"] != digest:
         raise ValueError(
             f"tokens in {tokens_dir} were made by a model with weights sha256 {manifest['model_sha256'][:12]}…, "
             f"not this one ({digest[:12]}…); decode with the checkpoint that encoded them"
         )
-    if not manifest.get("complete", False):
+    if not manifest["complete"]:
         log.warning("%s is an unfinished encode run; decoding its %d finished shard(s) only "
-                    "(rerun `animevq encode` with the same --out to finish it)", tokens_dir, len(manifest["shards"]))
+                    "(rerun `animevq encode` with the same --out to finish it)", tokens_dir, len(shards))
+    files = manifest["files"]
+    names = output_names(files)
+    if len(set(names)) != len(names):
+        clash = next(n for i, n in enumerate(names) if n in names[:i])
+        raise ValueError(f"{Path(tokens_dir) / MANIFEST_NAME} lists two files that would both be written as {clash}")
     out = prepare_out_dir(out_dir)
-    names = dict(zip(manifest["files"], output_names(manifest["files"])))
+    inside = out.resolve()
+    paths = [out / name for name in names]
+    escaping = next((p for p in paths if not p.resolve().is_relative_to(inside)), None)
+    if escaping is not None:  # through a link already in --out
+        raise ValueError(f"{escaping} would be written outside --out {out}; remove the link or choose another --out")
     tokenizer = tokenizer.to(device).eval()
     written: list[Path] = []
-    with progress_bar(len(manifest["files"]), "decode", progress) as bar:
-        for codes, files in load_shards(tokens_dir, manifest):
-            for start in range(0, len(files), batch_size):
-                indices = torch.from_numpy(codes[start : start + batch_size].astype(np.int64)).to(device)
+    with progress_bar(sum(s.count for s in shards), "decode", progress) as bar:
+        for shard in shards:
+            for start, codes in shard_batches(shard, batch_size, k):
+                indices = torch.from_numpy(codes).to(device)  # (b,h,w) int64
                 with autocast(device, precision):
                     images = tokenizer.decode(indices)  # (b,3,H,W)
-                written += save_pngs(images, [out / names[f] for f in files[start : start + batch_size]])
-                bar.update(indices.shape[0])
+                first = shard.offset + start
+                written += save_pngs(images, paths[first : first + len(codes)])
+                bar.update(len(codes))
     return written
 
 
