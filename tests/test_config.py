@@ -87,3 +87,47 @@ def test_fit_help_describes_every_model_option() -> None:
         assert found, option
         description = " ".join(found.group(1).split())
         assert not description.startswith("(type:"), f"--model.{option} has no description: {description}"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"latent_channels": "16"}, "latent_channels must be an int, got '16'"),
+    ({"num_res_blocks": 1.0}, "num_res_blocks must be an int"),
+    ({"encoder_channels": [8, "16"]}, "encoder_channels must be a list of an int"),
+    ({"in_channels": True}, "in_channels must be an int, got True"),
+])
+def test_tokenizer_config_fields_must_have_their_types(values: dict, message: str) -> None:
+    with pytest.raises(TypeError, match=re.escape(message)):
+        TokenizerConfig(**values)
+
+
+def test_training_config_fields_must_have_their_types_and_ranges() -> None:
+    with pytest.raises(TypeError, match=r"betas must be a list of 2 numbers, got \[0\.9\]"):
+        ModelConfig.build({"betas": [0.9]}, {})
+    with pytest.raises(TypeError, match="learning_rate must be a finite float, got nan"):
+        ModelConfig.build({"learning_rate": float("nan")}, {})
+    with pytest.raises(TypeError, match="max_nonfinite_steps must be an int or None"):
+        ModelConfig.build({}, {"safety": {"max_nonfinite_steps": "10"}})
+    # Zero intervals were a ZeroDivisionError at the first batch; now the model is not built.
+    with pytest.raises(ValueError, match="log_every_n_steps and log_images_every_n_steps must be >= 1"):
+        ModelConfig.build({"log_every_n_steps": 0}, {})
+    with pytest.raises(ValueError, match="usage_window must be >= 1"):
+        ModelConfig.build({}, {"logging": {"usage_window": 0}})
+
+
+def test_a_tokenizer_too_large_to_build_is_refused_before_allocating() -> None:
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"would hold about 4\.13e\+09 weights and codebook values, more than"):
+        TokenizerConfig(quantizer=VQConfig(num_embeddings=8_000_000))  # 16 GB of codebook statistics
+    with pytest.raises(ValueError, match=r"num_embeddings must lie in \[1, 16777216\]"):
+        VQConfig(num_embeddings=2**30)
+    with pytest.raises(ValueError, match="would hold about"):
+        TokenizerConfig(encoder_channels=(65536,) * 4, decoder_channels=(65536,) * 4)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10 * 2**20 and time.perf_counter() - start < 5
+    default = TokenizerConfig()
+    assert 2e7 < default.parameter_count() < 3e7  # the seed's tokenizer: ~2.4e7 values, built fine

@@ -27,7 +27,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .config import MOVED_IN_0_2, ModelConfig
 from .data import AnimeDataModule, DataReport
-from .runs.checkpoint_io import safe_torch_load, verify_checkpoint
+from .nn.tokenizer import Tokenizer
+from .runs.checkpoint_io import CheckpointError, safe_torch_load, tokenizer_state, verify_checkpoint
 from .runs.last import LAST_NAME, PREVIOUS_NAME, LastCheckpoint
 from .runs.resume import ExactResume
 from .runs.sigterm import EXIT_SIGTERM, HostSigtermCheck
@@ -87,7 +88,18 @@ class AnimeVQCLI(LightningCLI):
         hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
         if not hparams:
             return
-        hparams = ModelConfig.from_hparams(hparams).to_hparams()
+        try:
+            model_config = ModelConfig.from_hparams(hparams)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {ckpt_path} holds hyperparameters that build no model: {error}; "
+                                  "pass another checkpoint with --ckpt_path") from None
+        # The model will be built from these: its weights must fit them before anything is allocated.
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict'); pass another "
+                                  "checkpoint with --ckpt_path")
+        Tokenizer.check_state(model_config.tokenizer, tokenizer_state(state), source=str(ckpt_path))
+        hparams = model_config.to_hparams()
         self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:

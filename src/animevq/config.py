@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
-from .nn.config import TokenizerConfig, VQConfig, VQOptions, config_from_mapping, plain
+from .nn.config import Checked, TokenizerConfig, VQConfig, VQOptions, config_from_mapping, plain
 from .nn.discriminator import BASE_CHANNELS, DiscriminatorNorm
 
 __all__ = [
@@ -52,7 +52,7 @@ def _check_choice(name: str, value: Any, kind: Any) -> None:
 
 
 @dataclass(frozen=True)
-class LossOptions:
+class LossOptions(Checked):
     """Where LPIPS's weights come from (``--model.losses.*``)."""
 
     lpips_vgg_weights: str | None = None
@@ -80,7 +80,7 @@ class LossConfig(LossOptions):
 
 
 @dataclass(frozen=True)
-class AdversarialOptions:
+class AdversarialOptions(Checked):
     """VQ-GAN's discriminator and its schedule (``--model.adversarial.*``); used when lambda_gan > 0."""
 
     disc_start: int = 10000
@@ -103,8 +103,9 @@ class AdversarialOptions:
     """Weight of LeCam regularisation of the discriminator (Tseng et al. 2021; e.g. 0.001); 0: off."""
 
     def __post_init__(self) -> None:
-        _check_choice("disc_loss", self.disc_loss, DiscLoss)
+        _check_choice("disc_loss", self.disc_loss, DiscLoss)  # before the type check: a clearer message
         _check_choice("disc_norm", self.disc_norm, DiscriminatorNorm)
+        super().__post_init__()
         if self.disc_start < 0 or self.disc_ramp_steps < 0:
             raise ValueError(f"disc_start and disc_ramp_steps must be >= 0, got {self.disc_start}, "
                              f"{self.disc_ramp_steps}")
@@ -113,7 +114,7 @@ class AdversarialOptions:
 
 
 @dataclass(frozen=True)
-class OptimizationOptions:
+class OptimizationOptions(Checked):
     """Learning-rate schedule, clipping and accumulation (``--model.optimization.*``)."""
 
     warmup_steps: int = 1000
@@ -129,6 +130,7 @@ class OptimizationOptions:
 
     def __post_init__(self) -> None:
         _check_choice("lr_schedule", self.lr_schedule, LrSchedule)
+        super().__post_init__()
         if self.accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
         if self.warmup_steps < 0:
@@ -152,13 +154,14 @@ class OptimizerConfig(OptimizationOptions):
 
 
 @dataclass(frozen=True)
-class LoggingOptions:
+class LoggingOptions(Checked):
     """What the logged code statistics cover (``--model.logging.*``)."""
 
     usage_window: int = 100
     """Training batches behind train/code_usage_rate and train/perplexity."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.usage_window < 1:
             raise ValueError(f"usage_window must be >= 1, got {self.usage_window}")
 
@@ -179,7 +182,7 @@ class LoggingConfig(LoggingOptions):
 
 
 @dataclass(frozen=True)
-class SpeedOptions:
+class SpeedOptions(Checked):
     """How fast it runs, never what it computes beyond rounding (``--model.speed.*``)."""
 
     channels_last: bool = True
@@ -189,13 +192,14 @@ class SpeedOptions:
 
 
 @dataclass(frozen=True)
-class SafetyOptions:
+class SafetyOptions(Checked):
     """What protects a long run from bad batches (``--model.safety.*``)."""
 
     max_nonfinite_steps: int | None = 10
     """NaN/inf-loss batches in a row that are skipped before the run stops; None: no guard."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_nonfinite_steps is not None and self.max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0 or None (no guard), got {self.max_nonfinite_steps}")
 
@@ -232,7 +236,7 @@ ARCHITECTURE_KEYS: tuple[str, ...] = tuple(
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
     """Everything a VQVAEModel is built from."""
 
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

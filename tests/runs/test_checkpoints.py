@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import zipfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,6 +15,7 @@ from conftest import tiny_model, tiny_trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from plain import assert_plain
 from recording import IMAGES, equal_tree, fit, images_loader, logging_model
+from tooling import flip_a_tensor_byte
 
 from animevq import Tokenizer
 from animevq.cli import main as cli_main
@@ -57,15 +57,6 @@ def test_a_crash_while_writing_leaves_the_last_good_checkpoint(tmp_path: Path) -
     assert torch.load(tmp_path / "previous.ckpt", weights_only=True)["animevq"]["batches_seen"] == 2
 
 
-def _flip_a_tensor_byte(path: Path) -> None:
-    with zipfile.ZipFile(path) as archive:
-        info = max(archive.infolist(), key=lambda i: i.file_size)  # the largest tensor
-    offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_damaged_last_checkpoint_is_refused_naming_the_previous_one(tmp_path: Path) -> None:
     model = logging_model()
     ckpt_dir = tmp_path / "run" / "checkpoints"
@@ -84,7 +75,7 @@ def test_damaged_last_checkpoint_is_refused_naming_the_previous_one(tmp_path: Pa
         cli_main(["fit", "--run_dir", str(tmp_path / "run"), "--ckpt_path", str(last), "--trainer.logger", "false"])
 
     last.write_bytes(good)
-    _flip_a_tensor_byte(last)  # same length, one bit pattern changed: only the CRC sees it
+    flip_a_tensor_byte(last)  # same length, one bit pattern changed: only the CRC sees it
     with pytest.raises(CheckpointError, match=r"fails its CRC check"):
         verify_checkpoint(last, previous_name=PREVIOUS_NAME)
     previous.write_bytes(b"")

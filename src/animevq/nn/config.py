@@ -13,13 +13,79 @@ Plain dataclasses and the standard library only: ``config.json`` of an export is
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
-__all__ = ["RestartSampling", "TokenizerConfig", "VQConfig", "VQOptions", "config_from_mapping", "plain"]
+__all__ = ["Checked", "RestartSampling", "TokenizerConfig", "VQConfig", "VQOptions", "config_from_mapping", "plain"]
 
 RestartSampling = Literal["error", "uniform"]
+# Bounds checked before anything is allocated: a tampered config.json or checkpoint must not ask
+# for gigabytes. Far above any tokenizer in use (the seed's holds 2.4e7 values, K ≤ 2^18 in the
+# literature).
+MAX_PARAMETERS = 2**31  # 8 GiB of float32 weights and codebook statistics
+MAX_CODEBOOK_SIZE = 2**24
+MAX_STAGES = 8
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type (JSON's lists standing for tuples)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arm) for arm in args)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}" if args[-1] is Ellipsis else f"a list of {len(args)} numbers"
+    if hint is type(None):
+        return "None"
+    name = f"finite {hint.__name__}" if hint is float else hint.__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+@dataclass(frozen=True)
+class Checked:
+    """Base of the config dataclasses: before a subclass's own checks, every field must be of
+    its annotated type (configs arrive from JSON, YAML and checkpoints, not only from code)."""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if not _conforms(value, hints[f.name]):
+                raise TypeError(f"{f.name} must be {_describe(hints[f.name])}, got {value!r:.60}")
 
 
 def plain(value: Any) -> Any:
@@ -54,7 +120,7 @@ def config_from_mapping(cls: type, values: Mapping[str, Any], *, what: str) -> A
 
 
 @dataclass(frozen=True)
-class VQOptions:
+class VQOptions(Checked):
     """VQ-EMA codebook health, beyond the seed's table (``--model.quantizer.*``)."""
 
     restart_dead_codes: bool = True
@@ -77,9 +143,10 @@ class VQOptions:
     """Base seed of the restart draws and k-means++ seeds, the same on every rank."""
 
     def __post_init__(self) -> None:
-        if self.restart_sampling not in get_args(RestartSampling):
+        if self.restart_sampling not in get_args(RestartSampling):  # before the type check: a clearer message
             raise ValueError(f"restart_sampling must be one of {get_args(RestartSampling)}, "
                              f"got {self.restart_sampling!r}")
+        super().__post_init__()
         if self.dead_code_threshold < 0:
             raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}")
         if self.kmeans_iters < 0:
@@ -103,8 +170,8 @@ class VQConfig(VQOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_embeddings < 1 or self.embedding_dim < 1:
-            raise ValueError(f"num_embeddings and embedding_dim must be positive, "
+        if not (1 <= self.num_embeddings <= MAX_CODEBOOK_SIZE) or self.embedding_dim < 1:
+            raise ValueError(f"num_embeddings must lie in [1, {MAX_CODEBOOK_SIZE}] and embedding_dim be positive, "
                              f"got {self.num_embeddings}, {self.embedding_dim}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
@@ -115,7 +182,7 @@ QUANTIZER_CONFIGS: dict[str, type] = {VQConfig.family: VQConfig}
 
 
 @dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(Checked):
     """Everything that builds a Tokenizer (SPEC §2): the autoencoder's shape and its quantizer."""
 
     in_channels: int = 3
@@ -132,8 +199,9 @@ class TokenizerConfig:
     """The quantizer family's config."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "encoder_channels", tuple(int(c) for c in self.encoder_channels))
-        object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
+        super().__post_init__()
+        object.__setattr__(self, "encoder_channels", tuple(self.encoder_channels))
+        object.__setattr__(self, "decoder_channels", tuple(self.decoder_channels))
         if len(self.encoder_channels) != len(self.decoder_channels):
             raise ValueError(f"encoder_channels {self.encoder_channels} and decoder_channels "
                              f"{self.decoder_channels} must have the same number of stages")
@@ -141,6 +209,26 @@ class TokenizerConfig:
             raise ValueError("encoder_channels and decoder_channels must be non-empty and positive")
         if min(self.in_channels, self.latent_channels) < 1 or self.num_res_blocks < 0:
             raise ValueError("in_channels and latent_channels must be positive, num_res_blocks >= 0")
+        if len(self.encoder_channels) > MAX_STAGES:
+            raise ValueError(f"at most {MAX_STAGES} stages, got {len(self.encoder_channels)}")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise ValueError(f"this tokenizer would hold about {self.parameter_count():.3g} weights and codebook "
+                             f"values, more than the {MAX_PARAMETERS:.3g} animevq builds")
+
+    def parameter_count(self) -> int:
+        """About how many weights and codebook values the tokenizer holds (convolutions and the
+        VQ codebook with its EMA sums; biases and norms aside), known before building it."""
+        enc, dec, latent, blocks = self.encoder_channels, self.decoder_channels, self.latent_channels, self.num_res_blocks
+        total = 9 * self.in_channels * enc[0] + 9 * enc[-1] * latent + 9 * latent * dec[0]
+        for prev, c in zip((enc[0], *enc), enc):
+            total += 16 * prev * c + blocks * 18 * c * c  # stride-2 4×4 conv, two 3×3 convs per ResBlock
+        for w, out in zip(dec, dec[1:] + dec[-1:]):
+            total += blocks * 18 * w * w + 9 * w * out  # ResBlocks, then the upsampling conv
+        total += 9 * dec[-1] * 64 + 9 * 64 * self.in_channels  # the head
+        q = self.quantizer
+        if latent != q.embedding_dim:
+            total += 2 * latent * q.embedding_dim
+        return total + (2 * q.embedding_dim + 1) * q.num_embeddings
 
     @property
     def downsample_factor(self) -> int:

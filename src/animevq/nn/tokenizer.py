@@ -151,11 +151,24 @@ class Tokenizer(nn.Module):
 
     @classmethod
     def from_state(cls, config: TokenizerConfig, state: dict[str, torch.Tensor], *, source: str) -> Tokenizer:
-        """A tokenizer in eval mode holding ``state`` (checked against ``config`` first)."""
-        tokenizer = cls(config)
-        check_state_dict(tokenizer, state, source=source)
-        tokenizer.load_state_dict(state)
+        """A tokenizer in eval mode holding ``state``. The shapes ``config`` implies are checked
+        against the file's first, on a tokenizer built on the meta device: a file whose config
+        asks for more than its weights hold allocates nothing before it is refused."""
+        broken = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if broken is not None:  # NaN weights would map every image to one code, silently
+            raise CheckpointError(f"{source} holds non-finite values in {broken}; use an earlier checkpoint")
+        tokenizer = cls.check_state(config, state, source=source).to_empty(device="cpu")
+        tokenizer.load_state_dict(state)  # strict: every tensor to_empty left unset is overwritten
         return tokenizer.eval()
+
+    @classmethod
+    def check_state(cls, config: TokenizerConfig, state: dict[str, torch.Tensor], *, source: str) -> Tokenizer:
+        """Raise a CheckpointError unless ``state`` fits ``config``; returns the tokenizer built
+        on the meta device for the check (no memory behind it)."""
+        with torch.device("meta"):
+            shapes = cls(config)
+        check_state_dict(shapes, state, source=source)
+        return shapes
 
 
 def read_pretrained(directory: str | Path) -> Pretrained:

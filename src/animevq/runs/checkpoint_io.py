@@ -197,6 +197,9 @@ def load_tokenizer(path: str | Path, *, map_location: str | torch.device = "cpu"
     if path.is_dir() or path.suffix == ".safetensors":
         return Tokenizer.from_pretrained(path if path.is_dir() else path.parent, map_location=map_location)
     checkpoint = safe_torch_load(path)
+    damage = _damage(path) if zipfile.is_zipfile(path) else None  # every member's CRC: a flipped byte
+    if damage is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({damage}); use an earlier checkpoint")
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise CheckpointError(
             f"{path} is a torch file but not a Lightning checkpoint (no 'state_dict'); "

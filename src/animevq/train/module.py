@@ -31,7 +31,7 @@ from ..nn.config import VQOptions
 from ..nn.quantizers import code_stats
 from ..nn.tokenizer import Tokenizer, read_pretrained
 from ..nn.weights import check_state_dict
-from ..runs.checkpoint_io import CheckpointError, migrate_state_dict
+from ..runs.checkpoint_io import CheckpointError, migrate_state_dict, tokenizer_state
 from ..runs.last import LastCheckpoint
 from .gan import GanStep
 from .guard import NonFiniteGuard
@@ -167,10 +167,11 @@ class VQVAEModel(pl.LightningModule):
         for key, value in overrides.items():
             hparams[key] = {**hparams[key], **value} if isinstance(hparams.get(key), dict) else value
         try:
-            model = cls(**hparams)
+            config = ModelConfig.from_hparams(hparams)
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"the config in {directory} does not build a VQVAEModel: {error}") from error
-        check_state_dict(model.tokenizer, pretrained.state, source=str(pretrained.weights_path))
+        Tokenizer.check_state(config.tokenizer, pretrained.state, source=str(pretrained.weights_path))
+        model = cls(**hparams)
         model.tokenizer.load_state_dict(pretrained.state)
         return model.eval()
 
@@ -196,10 +197,8 @@ class VQVAEModel(pl.LightningModule):
         """The (B,C,H,W) images of a batch: a tensor, a (images, ...) sequence or {'image': ...}."""
         if isinstance(batch, torch.Tensor):
             return batch
-        if isinstance(batch, dict):
-            return batch["image"]
-        if isinstance(batch, (list, tuple)):
-            return batch[0]
+        if isinstance(batch, (dict, list, tuple)):
+            return batch["image"] if isinstance(batch, dict) else batch[0]
         raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
@@ -373,16 +372,22 @@ class VQVAEModel(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters")
+        source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         if isinstance(saved, dict):
-            differences = architecture_differences(ModelConfig.from_hparams(saved, fill=self.config), self.config)
+            try:
+                saved_config = ModelConfig.from_hparams(saved, fill=self.config)
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"checkpoint {source or ''} holds hyperparameters that build no model: {error}; "
+                                      "pass another checkpoint with --ckpt_path") from None
+            differences = architecture_differences(saved_config, self.config)
             if differences:
-                source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
                 raise CheckpointError(
                     f"checkpoint {source or ''} was written by a different model, so it cannot be loaded into "
                     f"this one: {'; '.join(differences)}. Resume with the settings it was trained with (its "
                     "hyper_parameters, or config.yaml in its run folder), or start a new run without --ckpt_path."
                 )
         checkpoint["state_dict"] = state = migrate_state_dict(checkpoint["state_dict"])
+        check_state_dict(self.tokenizer, tokenizer_state(state), source=str(source or "the checkpoint"))
         if self.objective.lpips is not None:
             for key, value in self.objective.lpips.state_dict().items():
                 state.setdefault(f"{LPIPS_PREFIX}{key}", value)
