@@ -30,6 +30,7 @@ from .data import AnimeDataModule, DataReport
 from .nn.tokenizer import Tokenizer
 from .runs.checkpoint_io import CheckpointError, safe_torch_load, tokenizer_state, verify_checkpoint
 from .runs.last import LAST_NAME, PREVIOUS_NAME, LastCheckpoint
+from .runs.lock import RunFolderLock
 from .runs.resume import ExactResume
 from .runs.sigterm import EXIT_SIGTERM, HostSigtermCheck
 from .tools import TOOLS
@@ -81,6 +82,13 @@ class AnimeVQCLI(LightningCLI):
             return
         config = self.config[self.config.subcommand]
         ckpt_path = config.get("ckpt_path")
+        folder = Path(config["run_dir"]) / "checkpoints"
+        if ckpt_path == "last" and not (folder / LAST_NAME).exists() and (folder / PREVIOUS_NAME).is_file():
+            # A run that died between the two renames of a save: previous.ckpt is its last whole
+            # checkpoint. Starting afresh would write over it.
+            log.warning("%s is missing; resuming from %s, the checkpoint written before it",
+                        folder / LAST_NAME, folder / PREVIOUS_NAME)
+            config["ckpt_path"] = ckpt_path = str(folder / PREVIOUS_NAME)
         self._verify_resume_checkpoint(ckpt_path, Path(config["run_dir"]))
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return
@@ -133,9 +141,11 @@ class AnimeVQCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = super().instantiate_trainer(**kwargs)
         last = LastCheckpoint(Path(config["run_dir"]) / "checkpoints", every_n_steps=config["save_every_n_steps"])
-        trainer.callbacks.insert(0, last)
-        trainer.callbacks.insert(1, ExactResume())
-        trainer.callbacks.insert(2, HostSigtermCheck())
+        # The lock first: nothing of this fit is written into the run folder before it is held.
+        trainer.callbacks.insert(0, RunFolderLock(config["run_dir"]))
+        trainer.callbacks.insert(1, last)
+        trainer.callbacks.insert(2, ExactResume())
+        trainer.callbacks.insert(3, HostSigtermCheck())
         return trainer
 
     def after_fit(self) -> None:
