@@ -152,3 +152,15 @@ class SigtermAfterBatch(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and pl_module.batches_seen == self.batch + 1:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SigintWhileSaving(pl.Callback):
+    """Send this process SIGINT (Ctrl-C) from inside the first checkpoint save after a SIGTERM."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.received_sigterm and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)

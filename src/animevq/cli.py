@@ -23,6 +23,7 @@ from typing import Any
 import jsonargparse
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .config import MOVED_IN_0_2, ModelConfig
@@ -33,6 +34,7 @@ from .runs.last import LAST_NAME, PREVIOUS_NAME, LastCheckpoint
 from .runs.lock import RunFolderLock
 from .runs.resume import ExactResume
 from .runs.sigterm import EXIT_SIGTERM, HostSigtermCheck
+from .runs.writer import AtomicCheckpointIO
 from .tools import TOOLS
 from .train.module import VQVAEModel
 
@@ -140,6 +142,8 @@ class AnimeVQCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one of the user's plugins
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # last, previous and best: atomic in the run folder
         last = LastCheckpoint(Path(config["run_dir"]) / "checkpoints", every_n_steps=config["save_every_n_steps"])
         # The lock first: nothing of this fit is written into the run folder before it is held.
         trainer.callbacks.insert(0, RunFolderLock(config["run_dir"]))

@@ -161,7 +161,7 @@ def atomic_replace(tmp: Path, final: Path, *, keep_previous: Path | None = None)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     if keep_previous is not None and final.exists():
-        staging = keep_previous.with_name(keep_previous.name + ".tmp")
+        staging = keep_previous.with_name(f".{keep_previous.name}.tmp")  # hidden, like every temporary
         staging.unlink(missing_ok=True)
         os.link(final, staging)
         os.replace(staging, keep_previous)

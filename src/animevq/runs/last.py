@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint_io import atomic_replace
 from .sigterm import AgreedSigterm, any_rank
+from .writer import CheckpointWriteError, os_error, remove_stale_temporaries, signals_held, write_error
 
 __all__ = [
     "LAST_NAME",
@@ -44,10 +45,6 @@ PREVIOUS_NAME = "previous.ckpt"  # no "last" in the name: Lightning's "last" loo
 _ADAM_COPIES = 3
 MIN_FREE_CHECKPOINTS = 2.0  # the new file is written beside the old one before the rename
 COMFORTABLE_FREE_CHECKPOINTS = 5.0  # last + previous + temp + best-k + its replacement
-
-
-class CheckpointWriteError(RuntimeError):
-    """Raised on every other rank when one rank failed to write ``last.ckpt``."""
 
 
 def estimate_checkpoint_bytes(module: torch.nn.Module, *, exclude: tuple[str, ...] = ("objective.lpips.",)) -> int:
@@ -125,6 +122,7 @@ class LastCheckpoint(pl.Callback):
         file (os.access says yes to root even on a read-only mount), check free space."""
         try:
             self.dirpath.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.dirpath)  # rank 0, holding the run folder's lock
             with tempfile.NamedTemporaryFile(dir=self.dirpath, prefix=".write-test-"):
                 pass
         except OSError as error:
@@ -179,15 +177,16 @@ class LastCheckpoint(pl.Callback):
             # Trainer.save_checkpoint without its closing barrier: a rank whose write failed
             # (a full disk, a dead loader worker) never reaches it, and the others would wait
             # there until the process group times out, 30 minutes later. The agreement below
-            # ends every rank at once instead.
-            with trainer.profiler.profile("save_checkpoint"):
+            # ends every rank at once instead. Ctrl-C waits until the file is whole.
+            with signals_held(), trainer.profiler.profile("save_checkpoint"):
                 checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)  # full state
                 trainer.strategy.save_checkpoint(checkpoint, tmp)  # rank 0 writes
-            if trainer.is_global_zero:
-                atomic_replace(tmp, self.path, keep_previous=self.dirpath / PREVIOUS_NAME)
-                log.debug("wrote %s at batch %d", self.path, batches)
+                if trainer.is_global_zero:
+                    atomic_replace(tmp, self.path, keep_previous=self.dirpath / PREVIOUS_NAME)
+                    log.debug("wrote %s at batch %d", self.path, batches)
         except BaseException as error:
-            failure = error
+            cause = os_error(error)  # a full disk, a name too long: one line naming last.ckpt
+            failure = error if cause is None else write_error(self.path, cause)
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)  # last.ckpt is the previous one, whole
         if any_rank(failure is not None):  # every rank's barrier; on the CPU (sigterm.any_rank)
