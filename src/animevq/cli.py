@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .config import MOVED_IN_0_2, ModelConfig
 from .data import AnimeDataModule, DataReport
+from .nn.config import plain
 from .nn.tokenizer import Tokenizer
 from .runs.checkpoint_io import CheckpointError, safe_torch_load, tokenizer_state, verify_checkpoint
 from .runs.last import LAST_NAME, PREVIOUS_NAME, LastCheckpoint
@@ -109,7 +110,12 @@ class AnimeVQCLI(LightningCLI):
             raise CheckpointError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict'); pass another "
                                   "checkpoint with --ckpt_path")
         Tokenizer.check_state(model_config.tokenizer, tokenizer_state(state), source=str(ckpt_path))
-        hparams = model_config.to_hparams()
+        # Lightning would build the model from the file's hyperparameters alone, silently dropping
+        # what the user set: here a value set to other than its default (config file or flag) wins,
+        # the file fills in the rest. VQVAEModel.on_load_checkpoint then refuses another architecture
+        # and lists the settings that changed.
+        defaults = self._subcommand_parsers[self.config.subcommand].get_defaults()["model"].as_dict()
+        hparams = _explicit_over(model_config.to_hparams(), config["model"].as_dict(), defaults)
         self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
@@ -136,8 +142,11 @@ class AnimeVQCLI(LightningCLI):
         if ckpt_path in (None, "best", "hpc"):
             return
         path = run_dir / "checkpoints" / LAST_NAME if ckpt_path == "last" else Path(ckpt_path)
-        if path.is_file():  # a missing file is Lightning's to report ("last" may not exist yet)
+        if path.is_file():
             verify_checkpoint(path, previous_name=PREVIOUS_NAME)
+        elif ckpt_path != "last":  # a first run with "last" starts afresh (Lightning warns)
+            raise CheckpointError(f"checkpoint {path} does not exist (or is not a file); pass the path of a .ckpt "
+                                  f"file, or --ckpt_path last to resume the run in {run_dir}")
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -168,6 +177,18 @@ class AnimeVQCLI(LightningCLI):
             lines.append(f"  SwanLab logs:    {swanlog.resolve()}")
             lines.append(f"  dashboard:       swanlab watch {swanlog}   (then open the printed http://127.0.0.1 address)")
         print("\n".join(lines), flush=True)
+
+
+def _explicit_over(saved: dict[str, Any], given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with every value of ``given`` that differs from ``defaults`` put over it (nested groups too)."""
+    out = dict(saved)
+    for key, value in given.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(saved.get(key), dict):
+            out[key] = _explicit_over(saved[key], value, default if isinstance(default, dict) else {})
+        elif plain(value) != plain(default):
+            out[key] = value
+    return out
 
 
 def _trainer_defaults() -> dict[str, Any]:

@@ -40,6 +40,7 @@ __all__ = [
     "SafetyOptions",
     "SpeedOptions",
     "architecture_differences",
+    "settings_changes",
 ]
 
 DiscLoss = Literal["hinge", "nonsaturating"]
@@ -344,3 +345,17 @@ _DERIVED = (
     ("disc_channels", lambda c: c.adversarial.disc_channels if c.adversarial_on else None),
     ("lecam_weight > 0", lambda c: c.adversarial.lecam_weight > 0 and c.adversarial_on),
 )
+
+
+def settings_changes(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """``"name: checkpoint A, now B"`` for each setting (seed parameter or ``group.field``)
+    that differs between a checkpoint of ``saved`` and a resumed model of ``current``."""
+    def flat(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in hparams.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {prefix + key: value})
+        return out
+
+    a, b = flat(saved.to_hparams()), flat(current.to_hparams())
+    return [f"{k}: checkpoint {_normalise(a.get(k))}, now {_normalise(b[k])}"
+            for k in b if _normalise(a.get(k)) != _normalise(b[k])]

@@ -25,7 +25,6 @@ from ..config import (
     OptimizationOptions,
     SafetyOptions,
     SpeedOptions,
-    architecture_differences,
 )
 from ..nn.config import VQOptions
 from ..nn.quantizers import code_stats
@@ -37,7 +36,8 @@ from .gan import GanStep
 from .guard import NonFiniteGuard
 from .monitor import CodeUsage, TrainingMonitor, log_grid, log_usage_histogram, report
 from .objective import Objective, VQVAEOutput
-from .optim import make_adam, make_scheduler
+from .optim import adam_options, apply_adam_options, make_scheduler
+from .resumed import check_resumed_settings
 from .speed import speed_up
 
 __all__ = ["VQVAEModel", "VQVAEOutput"]
@@ -260,6 +260,9 @@ class VQVAEModel(pl.LightningModule):
 
     def on_train_start(self) -> None:
         trainer = self.trainer
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]  # a resume restored both
+        for optimizer, scheduler, (_, options) in zip(trainer.optimizers, schedulers, self._adam_plan()):
+            apply_adam_options(optimizer, scheduler, options)  # the resumed run's settings, not the checkpoint's
         accumulate = (self.config.optimization.accumulate_grad_batches if self.adversarial
                       else trainer.accumulate_grad_batches)
         distributed = trainer.world_size > 1
@@ -341,21 +344,29 @@ class VQVAEModel(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         cfg = self.config.optimization
-        clipping = bool(cfg.grad_clip_norm or (self._trainer is not None and self.trainer.gradient_clip_val))
         total = None
         if cfg.lr_schedule == "cosine" and self._trainer is not None:
             estimated = self.trainer.estimated_stepping_batches
             total = int(estimated) if math.isfinite(estimated) else None
-
-        def optimizer(module: nn.Module, lr: float) -> dict[str, Any]:
-            opt = make_adam([p for p in module.parameters() if p.requires_grad], cfg, lr=lr, clipping=clipping)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": make_scheduler(opt, cfg, total), "interval": "step"}}
-
-        configs = [optimizer(self.tokenizer, cfg.learning_rate)]
-        if self.adversarial:
-            disc_lr = self.config.adversarial.disc_learning_rate
-            configs.append(optimizer(self.objective.discriminator, cfg.learning_rate if disc_lr is None else disc_lr))
+        configs = []
+        for params, options in self._adam_plan():
+            opt = torch.optim.Adam(params, **options)
+            configs.append({"optimizer": opt, "lr_scheduler": {"scheduler": make_scheduler(opt, cfg, total),
+                                                                "interval": "step"}})
         return configs
+
+    def _adam_plan(self) -> list[tuple[list[nn.Parameter], dict[str, Any]]]:
+        """Each optimiser's parameters and Adam settings: the tokenizer's, then the discriminator's."""
+        cfg, disc_lr = self.config.optimization, self.config.adversarial.disc_learning_rate
+        clipping = bool(cfg.grad_clip_norm or (self._trainer is not None and self.trainer.gradient_clip_val))
+        parts = [(self.tokenizer, cfg.learning_rate)]
+        if self.adversarial:
+            parts.append((self.objective.discriminator, cfg.learning_rate if disc_lr is None else disc_lr))
+        plan = []
+        for module, lr in parts:
+            params = [p for p in module.parameters() if p.requires_grad]
+            plan.append((params, adam_options(params, cfg, lr=lr, clipping=clipping)))
+        return plan
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -371,21 +382,9 @@ class VQVAEModel(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters")
         source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        if isinstance(saved, dict):
-            try:
-                saved_config = ModelConfig.from_hparams(saved, fill=self.config)
-            except (TypeError, ValueError) as error:
-                raise CheckpointError(f"checkpoint {source or ''} holds hyperparameters that build no model: {error}; "
-                                      "pass another checkpoint with --ckpt_path") from None
-            differences = architecture_differences(saved_config, self.config)
-            if differences:
-                raise CheckpointError(
-                    f"checkpoint {source or ''} was written by a different model, so it cannot be loaded into "
-                    f"this one: {'; '.join(differences)}. Resume with the settings it was trained with (its "
-                    "hyper_parameters, or config.yaml in its run folder), or start a new run without --ckpt_path."
-                )
+        if isinstance(checkpoint.get("hyper_parameters"), dict):
+            check_resumed_settings(checkpoint["hyper_parameters"], self.config, str(source or "the checkpoint"))
         checkpoint["state_dict"] = state = migrate_state_dict(checkpoint["state_dict"])
         check_state_dict(self.tokenizer, tokenizer_state(state), source=str(source or "the checkpoint"))
         if self.objective.lpips is not None:
