@@ -3,16 +3,14 @@ write is atomic inside the run folder, and fails in one line naming the file."""
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from clirun import fit_config, make_images, run_animevq
+from disks import small_disk
 
 from animevq.cli import main as cli_main
 from animevq.runs.checkpoint_io import verify_checkpoint
@@ -20,20 +18,6 @@ from animevq.runs.last import LAST_NAME, PREVIOUS_NAME
 from animevq.runs.writer import CheckpointWriteError
 
 CHECKPOINT_BYTES = 920_000  # the tiny model's checkpoint: 914 kB (weights, Adam's moments, RNG states)
-
-
-@contextlib.contextmanager
-def small_disk(folder: Path, size: int) -> Iterator[Path]:
-    """A real file system of ``size`` bytes at ``folder`` (a tmpfs; mounting needs root)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"a full disk needs a small file system, and mounting one failed: {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def _config(tmp_path: Path, **trainer) -> Path:

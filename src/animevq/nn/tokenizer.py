@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .autoencoder import Decoder, Encoder
@@ -136,11 +138,11 @@ class Tokenizer(nn.Module):
         # clone: safetensors refuses tensors that share storage
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
         config = {"_class_name": type(self).__name__, "_format_version": EXPORT_FORMAT, **self.config.to_dict()}
-        try:
-            save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "animevq": _FORMAT_TAG})
-            (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        except OSError as error:
-            raise ValueError(f"cannot write the export to {out}: {error}; choose a writable folder") from error
+        # Serialised here and written by Python: a failed write (a full disk) is an OSError naming
+        # the file, and each file is whole or absent (safetensors' own writer raises its own error).
+        weights = safetensors_bytes(state, metadata={"format": "pt", "animevq": _FORMAT_TAG})
+        _write_whole(out / WEIGHTS_NAME, weights)
+        _write_whole(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         return out
 
     @classmethod
@@ -202,3 +204,19 @@ def read_pretrained(directory: str | Path) -> Pretrained:
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from error
     return Pretrained(config, state, data, version, weights_path)
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it (whole or not at all).
+
+    Raises:
+        OSError: naming ``path``.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error

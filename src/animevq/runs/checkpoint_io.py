@@ -27,8 +27,10 @@ __all__ = [
     "TOKENIZER_PREFIX",
     "CheckpointError",
     "atomic_replace",
+    "fsync_dir",
     "load_tokenizer",
     "migrate_state_dict",
+    "os_error",
     "safe_torch_load",
     "tokenizer_state",
     "verify_checkpoint",
@@ -144,7 +146,7 @@ def verify_checkpoint(path: str | Path, *, previous_name: str) -> None:
     )
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -166,7 +168,17 @@ def atomic_replace(tmp: Path, final: Path, *, keep_previous: Path | None = None)
         os.link(final, staging)
         os.replace(staging, keep_previous)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
+
+
+def os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind ``error``: torch.save's zip writer, closed after a failed write, raises
+    a RuntimeError ("unexpected pos") whose context is the ENOSPC."""
+    for _ in range(4):
+        if error is None or isinstance(error, OSError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def migrate_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,9 +24,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .checkpoint_io import atomic_replace
+from .checkpoint_io import atomic_replace, os_error
 from .sigterm import AgreedSigterm, any_rank
-from .writer import CheckpointWriteError, os_error, remove_stale_temporaries, signals_held, write_error
+from .writer import CheckpointWriteError, remove_stale_temporaries, signals_held, write_error
 
 __all__ = [
     "LAST_NAME",

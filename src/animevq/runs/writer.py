@@ -31,8 +31,10 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .checkpoint_io import fsync_dir, os_error
+
 __all__ = ["TEMPORARY_SUFFIX", "AtomicCheckpointIO", "CheckpointWriteError", "remove_stale_temporaries",
-           "os_error", "signals_held", "write_atomically", "write_error"]
+           "signals_held", "write_atomically", "write_error"]
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +45,6 @@ _HELD_SIGNALS = (signal.SIGINT,)
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (or, under DDP, another rank's write failed); the
     message names the file, and the file on disk is the one from before, whole."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -104,7 +98,7 @@ def write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     except BaseException as error:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -112,16 +106,6 @@ def write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
         if cause is not None:
             raise write_error(path, cause) from error
         raise  # also a Ctrl-C that signals_held delivered after the rename: the file is whole
-
-
-def os_error(error: BaseException | None) -> OSError | None:
-    """The OSError behind ``error``: torch.save's zip writer, closed after a failed write, raises
-    a RuntimeError ("unexpected pos") whose context is the ENOSPC."""
-    for _ in range(4):
-        if error is None or isinstance(error, OSError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def write_error(path: Path, error: OSError) -> CheckpointWriteError:

@@ -314,4 +314,4 @@ def main(argv: Sequence[str]) -> int:
                               num_workers=args.num_workers, **common)
         return f"reconstructed {len(written)} images into {args.out}"
 
-    return run_tool(command, work)
+    return run_tool(command, work, out=args.out)

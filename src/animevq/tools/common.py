@@ -5,7 +5,9 @@ and :func:`run_tool`, the one way a tool reports an error."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 import tempfile
 from collections import Counter
@@ -19,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..runs.checkpoint_io import os_error
 from ..data import (
     IMAGE_EXTENSIONS,
     ImageSkipped,
@@ -178,14 +181,40 @@ def error_message(error: BaseException) -> str:
 USER_ERRORS = (ValueError, OSError, RuntimeError)
 
 
-def run_tool(command: str, work: Callable[[], str | None], *, interrupted: str | None = None) -> int:
+# Errors of writing, and what to do about each. A full disk reports no file (the write that
+# failed was to an open file): the message names the output folder then.
+_ANYWHERE = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space or choose "
+             "another --out", errno.EFBIG: "choose another --out", errno.EROFS: "choose a writable --out"}
+_IN_OUT = {errno.ENAMETOOLONG: "choose a shorter --out, or give the inputs shorter names",
+           errno.EACCES: "choose a writable --out", errno.EPERM: "choose a writable --out"}
+
+
+def write_failure(error: BaseException, out: str | Path | None) -> str | None:
+    """``cannot write PATH: reason; what to do`` when ``error`` is a failed write into ``out``
+    (also one hidden behind another exception, as torch.save's zip writer raises it), else None."""
+    cause = os_error(error)
+    if cause is None:
+        return None
+    where = cause.filename
+    # Under --out, or beside it with a suffix (prepare builds DST.tmp first).
+    inside = out is not None and where is not None and str(Path(os.fsdecode(where)).absolute()).startswith(
+        str(Path(out).expanduser().absolute()))
+    hint = _ANYWHERE.get(cause.errno) or (_IN_OUT.get(cause.errno) if inside else None)
+    if hint is None:
+        return None
+    return f"cannot write {os.fsdecode(where) if where is not None else out}: {cause.strerror or cause}; {hint}"
+
+
+def run_tool(command: str, work: Callable[[], str | None], *, out: str | Path | None = None,
+             interrupted: str | None = None) -> int:
     """Run ``animevq <command>``'s work: its summary on stdout and status 0, or a user error as
     ``animevq <command>: error: …`` on stderr and status 1 (130 for Ctrl-C when ``interrupted``
-    says what to do then)."""
+    says what to do then). A failed write names the file, or the output folder ``out``."""
     try:
         summary = work()
     except USER_ERRORS as error:
-        print(f"animevq {command}: error: {error_message(error)}", file=sys.stderr)
+        message = write_failure(error, out) or error_message(error)
+        print(f"animevq {command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if interrupted is None:

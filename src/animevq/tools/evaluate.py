@@ -270,4 +270,4 @@ def main(argv: Sequence[str]) -> int:
         shown = {k: v for k, v in report.items() if k not in ("skipped", "data_dir")}
         return json.dumps(shown, indent=2) + f"\nwrote {Path(args.out) / REPORT_NAME}, samples.png and code_usage.png"
 
-    return run_tool("evaluate", work)
+    return run_tool("evaluate", work, out=args.out)

@@ -36,4 +36,4 @@ def main(argv: Sequence[str]) -> int:
         out = load_tokenizer(args.ckpt).save_pretrained(args.out)
         return f"exported {args.ckpt} to {out}/{WEIGHTS_NAME} and {out}/{CONFIG_NAME}"
 
-    return run_tool("export", work)
+    return run_tool("export", work, out=args.out)

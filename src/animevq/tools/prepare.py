@@ -54,4 +54,4 @@ def main(argv: Sequence[str]) -> int:
             summary += "\n" + result.skipped.message(when="(listed in manifest.json)", max_examples=5)
         return summary
 
-    return run_tool("prepare", work, interrupted="run the same command again to resume")
+    return run_tool("prepare", work, out=args.dst, interrupted="run the same command again to resume")
