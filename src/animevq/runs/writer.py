@@ -110,6 +110,8 @@ def write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
 
 def write_error(path: Path, error: OSError) -> CheckpointWriteError:
     """The one-line error for a failed write of ``path`` (``error`` itself if it already is one)."""
+    while isinstance(error, CheckpointWriteError) and isinstance(error.__cause__, OSError):
+        error = error.__cause__  # the OS's own error, to be told of ``path`` (a temporary's rename target)
     if isinstance(error, CheckpointWriteError):
         return error
     reason = error.strerror or str(error) or type(error).__name__
