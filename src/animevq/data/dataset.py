@@ -30,10 +30,9 @@ from animevq.data.images import (
     DEFAULT_MIN_SIDE,
     ImageSkipped,
     SkipReason,
-    crop_resize,
     load_image,
-    to_tensor,
 )
+from animevq.data.transforms import crop_resize, to_tensor
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ is at most ``size·max_aspect``, with (long − size) even. Why:
 - The resize box centred and (long − size) even: the centre crop of a stored image
   samples the same source points as the raw folder's validation crop, so validation
   tensors agree with the raw folder's to the last bit except for rare one-level
-  roundings (see :func:`~animevq.data.images.resize_box`).
+  roundings (see :func:`~animevq.data.transforms.resize_box`).
 - A few large shards: few open files per worker, sequential writes, kind to network
   filesystems that choke on a million small files.
 """
@@ -43,7 +43,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from animevq.data.dataset import SampleKey, _seed_of
-from animevq.data.images import SkipReason, crop_resize, resize_box, to_tensor
+from animevq.data.images import SkipReason
+from animevq.data.transforms import crop_resize, resize_box, to_tensor
 
 FORMAT_NAME = "animevq-prepared"
 FORMAT_VERSION = 1
@@ -78,7 +79,7 @@ def stored_image(image: Image.Image, size: int, max_aspect: float) -> np.ndarray
 
     The resize box is centred and scaled like the raw folder's crop (short side → size),
     so the centre size×size crop of the result equals ``crop_resize(image, size)`` (up to
-    rare one-level roundings: see :func:`~animevq.data.images.resize_box`).
+    rare one-level roundings: see :func:`~animevq.data.transforms.resize_box`).
     """
     width, height = image.size
     short, long = min(width, height), max(width, height)
