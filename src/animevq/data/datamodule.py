@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from animevq.data.dataset import EpochSampler, ImageFolderDataset, SkipLedger, SkipReport
 from animevq.data.discovery import Discovery, find_images, sample_dir, split_by_hash
-from animevq.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from animevq.data.images import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from animevq.data.prepared import PreparedDataset, PreparedFolder, is_prepared, read_prepared
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ class AnimeDataModule(LightningDataModule):
     with the same split (by source path), the same augmentation draws and the same
     validation crops as ``SRC`` itself; files skipped while preparing are reported as
     skipped. ``image_size`` must not exceed the prepared size; the prepared folder's own
-    ``--min_image_size`` and ``--max_image_pixels`` apply instead of this module's.
+    ``--min_image_size``, ``--max_image_pixels`` and ``--max_image_bytes`` apply instead of
+    this module's.
 
     Args:
         data_dir: folder of images, or a prepared folder; None uses the sample folder
@@ -97,6 +98,8 @@ class AnimeDataModule(LightningDataModule):
         pin_memory: None pins when CUDA is available.
         persistent_workers: None keeps workers alive between epochs when there are any.
         max_image_pixels: files whose header claims more pixels are refused undecoded.
+        max_image_bytes: files whose decoding and conversion to RGB would hold more bytes
+            at once (estimated from the header) are refused undecoded, as ``too_large``.
         min_image_size: files with a shorter side are skipped as ``too_small``.
         random_flip: flip training crops horizontally with probability 1/2.
         drop_last: drop the last incomplete training batch (kept if it is the only one).
@@ -114,6 +117,7 @@ class AnimeDataModule(LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_image_bytes: int = DEFAULT_MAX_DECODED_BYTES,
         min_image_size: int = DEFAULT_MIN_SIDE,
         random_flip: bool = True,
         drop_last: bool = True,
@@ -122,7 +126,8 @@ class AnimeDataModule(LightningDataModule):
         self.save_hyperparameters()
         for name, value, low in (
             ("batch_size", batch_size, 1), ("image_size", image_size, 1),
-            ("max_image_pixels", max_image_pixels, 1), ("min_image_size", min_image_size, 1),
+            ("max_image_pixels", max_image_pixels, 1), ("max_image_bytes", max_image_bytes, 1),
+            ("min_image_size", min_image_size, 1),
         ):
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
@@ -139,6 +144,7 @@ class AnimeDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.max_image_pixels = max_image_pixels
+        self.max_image_bytes = max_image_bytes
         self.min_image_size = min_image_size
         self.random_flip = random_flip
         self.drop_last = drop_last
@@ -161,7 +167,8 @@ class AnimeDataModule(LightningDataModule):
         ledger = SkipLedger(len(discovery.files))
         common = dict(
             image_size=self.image_size, seed=self.seed, random_flip=self.random_flip,
-            max_pixels=self.max_image_pixels, min_side=self.min_image_size,
+            max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes,
+            min_side=self.min_image_size,
         )
         self.train_dataset = ImageFolderDataset(
             discovery.root, discovery.files, split.train, ledger, train=True, **common

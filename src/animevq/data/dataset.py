@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from animevq.data.images import (
+    DEFAULT_MAX_DECODED_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
     ImageSkipped,
@@ -181,6 +182,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
         seed: int = 0,
         random_flip: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
         min_side: int = DEFAULT_MIN_SIDE,
     ) -> None:
         self.root = root
@@ -192,6 +194,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
         self.seed = seed
         self.random_flip = random_flip
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.min_side = min_side
 
     def __len__(self) -> int:
@@ -241,7 +244,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
         path = self.root / self.paths[file_id]
         try:
             image = load_image(
-                path, max_pixels=self.max_pixels, min_side=self.min_side,
+                path, max_pixels=self.max_pixels, max_bytes=self.max_bytes, min_side=self.min_side,
                 target_size=self.image_size,
             )
         except ImageSkipped as skip:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from animevq.data.dataset import SkipReport
 from animevq.data.discovery import find_images
 from animevq.data.images import (
+    DEFAULT_MAX_DECODED_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
     ImageSkipped,
@@ -59,6 +60,7 @@ class PrepareOptions:
     max_aspect: float = 2.0  # keeps 2:3 and 9:16 illustrations whole; longer ones centre-cropped
     min_image_size: int = DEFAULT_MIN_SIDE
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_DECODED_BYTES
 
 
 class PrepareResult(NamedTuple):
@@ -94,6 +96,7 @@ def _convert(relative: str) -> Converted:
     try:
         image = load_image(
             os.path.join(root, relative), max_pixels=options.max_image_pixels,
+            max_bytes=options.max_image_bytes,
             min_side=options.min_image_size, target_size=options.size,
         )
     except ImageSkipped as skip:
