@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -14,8 +15,19 @@ from torch.utils.data import DataLoader
 
 from animevq.data.dataset import EpochSampler, ImageFolderDataset, SkipLedger, SkipReport
 from animevq.data.discovery import Discovery, find_images, sample_dir, split_by_hash
-from animevq.data.images import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
-from animevq.data.prepared import PreparedDataset, PreparedFolder, is_prepared, read_prepared
+from animevq.data.images import (
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    SkipReason,
+)
+from animevq.data.prepared import (
+    INDEX_NAME,
+    PreparedDataset,
+    PreparedFolder,
+    is_prepared,
+    read_prepared,
+)
 
 log = logging.getLogger(__name__)
 _warn_once = rank_zero_only(log.warning)
@@ -196,14 +208,26 @@ class AnimeDataModule(LightningDataModule):
         for item in folder.skipped:
             if item.stage == "loading":
                 ledger.status[position[item.path]] = int(item.skip_reason)
+        bad_rows = np.flatnonzero(folder.bad_rows)
+        for row in bad_rows:  # stored, but unreadable: replaced like bad files when drawn
+            ledger.status[position[folder.paths[row]]] = int(SkipReason.BAD_INDEX_ROW)
+        if len(bad_rows):
+            shown = "; ".join(folder.row_problem(int(row)) for row in bad_rows[:3])
+            _warn_once(
+                f"{folder.root / INDEX_NAME}: {len(bad_rows)} damaged row(s) skipped ({shown}"
+                f"{'; …' if len(bad_rows) > 3 else ''}); re-run `animevq prepare SRC "
+                f"{folder.root} --overwrite` to rebuild it"
+            )
         train = [i for i in split.train if rows[i] >= 0]
         val = [i for i in split.val if rows[i] >= 0]
-        if not train:
+        if not any(not folder.bad_rows[rows[i]] for i in train):
             raise ValueError(
-                f"data_dir {folder.root} has no stored image in the training split "
-                f"({len(folder.paths)} stored in all); lower val_split or add images"
+                f"data_dir {folder.root} has no readable stored image in the training split "
+                f"({len(folder.paths)} stored in all, {len(bad_rows)} with damaged index rows); "
+                "lower val_split, add images or re-run `animevq prepare`"
             )
-        common = dict(image_size=self.image_size, seed=self.seed, random_flip=self.random_flip)
+        common = dict(image_size=self.image_size, seed=self.seed, random_flip=self.random_flip,
+                      ledger=ledger)
         self.train_dataset = PreparedDataset(folder, train, train=True, **common)
         self.val_dataset = PreparedDataset(folder, val, train=False, **common)
         listing = [(item.path, item.skip_reason) for item in folder.skipped

@@ -55,6 +55,17 @@ def _seed_of(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") >> 1
 
 
+def substitute_order(index: int, count: int, seed: int) -> Iterator[int]:
+    """Positions to try for item ``index`` of ``count``: itself, then random substitutes
+    fixed by (seed, index), then every other position in order (so the scan terminates)."""
+    yield index
+    rng = random.Random(_seed_of("substitute", seed, index))
+    for _ in range(min(_RANDOM_SUBSTITUTES, count - 1)):
+        yield rng.randrange(count)
+    for step in range(1, count):
+        yield (index + step) % count
+
+
 class EpochSampler(Sampler[SampleKey]):
     """Shuffles ``num_samples`` positions with a permutation fixed by (seed, epoch).
 
@@ -126,6 +137,18 @@ class SkipLedger:
 
     def reset_epoch(self) -> None:
         self.tried.zero_()
+
+    def skip(self, file_id: int, reason: SkipReason) -> None:
+        """Record that ``file_id`` was found unusable this epoch."""
+        self.tried[file_id] = True
+        self.status[file_id] = int(reason)
+
+    def known_bad(self, file_id: int) -> bool:
+        """Whether ``file_id`` was found unusable before; if so it counts for this epoch."""
+        if int(self.status[file_id]) <= _LOADED:
+            return False
+        self.tried[file_id] = True
+        return True
 
 
 @dataclass(frozen=True)
@@ -205,7 +228,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         image = None
-        for position in self._candidates(index):
+        for position in substitute_order(index, len(self), self.seed):
             image = self._try_load(position)
             if image is not None:
                 break
@@ -225,15 +248,6 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
         if self.random_flip and flip:  # in Pillow: cheaper than a torch op in a busy process
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(crop)  # (3,S,S)
-
-    def _candidates(self, index: int) -> Iterator[int]:
-        """``index``, then random substitutes, then every other position in order."""
-        yield index
-        rng = random.Random(_seed_of("substitute", self.seed, index))
-        for _ in range(min(_RANDOM_SUBSTITUTES, len(self) - 1)):
-            yield rng.randrange(len(self))
-        for step in range(1, len(self)):
-            yield (index + step) % len(self)
 
     def _try_load(self, position: int) -> Image.Image | None:
         file_id = int(self.file_ids[position])

@@ -83,6 +83,7 @@ class SkipReason(enum.IntEnum):
     UNSUPPORTED_MODE = 9  # a pixel format we cannot turn into RGB
     OUTSIDE_DATA_DIR = 10  # a symlink that leaves data_dir
     BROKEN_LINK = 11  # a symlink to nothing, or a symlink loop
+    BAD_INDEX_ROW = 12  # a prepared folder's index row points outside its shard or is malformed
 
     @property
     def label(self) -> str:
