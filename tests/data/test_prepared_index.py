@@ -9,7 +9,6 @@ import logging
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,7 @@ from PIL import Image
 
 from animevq.data import AnimeDataModule, DataReport, PrepareOptions, prepare_folder
 from conftest import tiny_trainer
+from probe import Probe
 
 S = 16
 GOOD = 8  # stored images
@@ -58,22 +58,6 @@ def _damage(dst: Path) -> list[str]:
     return [paths[row] for row in DAMAGE]
 
 
-class _Probe(pl.LightningModule):
-    """Fits one scalar to the batch mean; records batch shapes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.level = torch.nn.Parameter(torch.zeros(()))
-        self.shapes: list[tuple[int, ...]] = []
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        self.shapes.append(tuple(batch.shape))
-        return (batch.mean() - self.level) ** 2
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_damaged_rows_are_skipped_and_reported_each_epoch_in_workers(
     prepared: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -81,7 +65,7 @@ def test_damaged_rows_are_skipped_and_reported_each_epoch_in_workers(
     damaged = _damage(prepared)
     dm = AnimeDataModule(str(prepared), batch_size=2, val_split=0.0, image_size=S,
                          num_workers=2, drop_last=False)
-    probe, report = _Probe(), DataReport()
+    probe, report = Probe(), DataReport()
     trainer = tiny_trainer(max_epochs=2, callbacks=[report], num_sanity_val_steps=0,
                            limit_val_batches=0)
     with caplog.at_level(logging.WARNING, logger="animevq.data"):

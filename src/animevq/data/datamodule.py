@@ -21,6 +21,7 @@ from animevq.data.images import (
     DEFAULT_MIN_SIDE,
     SkipReason,
 )
+from animevq.data.names import shown
 from animevq.data.prepared import (
     INDEX_NAME,
     PreparedDataset,
@@ -191,7 +192,7 @@ class AnimeDataModule(LightningDataModule):
         self.discovery, self.ledger = discovery, ledger
         _info_once(
             "found %d images under %s: %d train, %d val",
-            len(discovery.files), discovery.root, len(split.train), len(split.val),
+            len(discovery.files), shown(discovery.root), len(split.train), len(split.val),
         )
         if discovery.skipped:
             listing = SkipReport(tuple((path, reason.label) for path, reason in discovery.skipped))
@@ -212,17 +213,18 @@ class AnimeDataModule(LightningDataModule):
         for row in bad_rows:  # stored, but unreadable: replaced like bad files when drawn
             ledger.status[position[folder.paths[row]]] = int(SkipReason.BAD_INDEX_ROW)
         if len(bad_rows):
-            shown = "; ".join(folder.row_problem(int(row)) for row in bad_rows[:3])
+            listed = "; ".join(folder.row_problem(int(row)) for row in bad_rows[:3])
             _warn_once(
-                f"{folder.root / INDEX_NAME}: {len(bad_rows)} damaged row(s) skipped ({shown}"
+                f"{shown(folder.root / INDEX_NAME)}: {len(bad_rows)} damaged row(s) skipped "
+                f"({listed}"
                 f"{'; …' if len(bad_rows) > 3 else ''}); re-run `animevq prepare SRC "
-                f"{folder.root} --overwrite` to rebuild it"
+                f"{shown(folder.root)} --overwrite` to rebuild it"
             )
         train = [i for i in split.train if rows[i] >= 0]
         val = [i for i in split.val if rows[i] >= 0]
         if not any(not folder.bad_rows[rows[i]] for i in train):
             raise ValueError(
-                f"data_dir {folder.root} has no readable stored image in the training split "
+                f"data_dir {shown(folder.root)} has no readable stored image in the training split "
                 f"({len(folder.paths)} stored in all, {len(bad_rows)} with damaged index rows); "
                 "lower val_split, add images or re-run `animevq prepare`"
             )
@@ -236,7 +238,7 @@ class AnimeDataModule(LightningDataModule):
         self.ledger = ledger
         _info_once(
             "found %d prepared images (short side %d) under %s: %d train, %d val",
-            len(folder.paths), folder.size, folder.root, len(train), len(val),
+            len(folder.paths), folder.size, shown(folder.root), len(train), len(val),
         )
         if folder.skipped:
             report = SkipReport(tuple(sorted((item.path, item.reason) for item in folder.skipped)))

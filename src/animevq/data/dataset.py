@@ -33,6 +33,7 @@ from animevq.data.images import (
     SkipReason,
     load_image,
 )
+from animevq.data.names import shown
 from animevq.data.transforms import crop_resize, to_tensor
 
 log = logging.getLogger(__name__)
@@ -177,9 +178,9 @@ class SkipReport:
         c.png)``, at most ``max_examples`` names per reason."""
         parts = []
         for reason, count in self.counts.items():
-            names = [path for path, label in self.files if label == reason]
-            shown = ", ".join(names[:max_examples]) + (", …" if count > max_examples else "")
-            parts.append(f"{count} {reason} ({shown})")
+            names = [shown(path) for path, label in self.files if label == reason]
+            examples = ", ".join(names[:max_examples]) + (", …" if count > max_examples else "")
+            parts.append(f"{count} {reason} ({examples})")
         plural = "" if self.total == 1 else "s"
         return f"skipped {self.total} file{plural} {when}: " + ", ".join(parts)
 
@@ -236,7 +237,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
             codes = self.ledger.status[torch.from_numpy(self.file_ids)].tolist()
             reasons = Counter(SkipReason(code).label for code in codes if code > _LOADED)
             raise RuntimeError(
-                f"none of the {len(self)} image files under {self.root} could be decoded "
+                f"none of the {len(self)} image files under {shown(self.root)} could be decoded "
                 f"({', '.join(f'{n} {label}' for label, n in reasons.most_common())}); "
                 "fix or remove them, or point data_dir at another folder"
             )

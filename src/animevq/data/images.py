@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from animevq.data.names import shown
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -95,7 +97,7 @@ class ImageSkipped(Exception):
     """Raised by :func:`load_image` for a file that cannot be used, with the reason."""
 
     def __init__(self, path: str | os.PathLike[str], reason: SkipReason, detail: str) -> None:
-        super().__init__(f"{os.fspath(path)}: {reason.label} ({detail})")
+        super().__init__(f"{shown(path)}: {reason.label} ({detail})")
         self.path = os.fspath(path)
         self.reason = reason
         self.detail = detail
@@ -248,7 +250,7 @@ def _apply_exif_orientation(image: Image.Image, path: str | os.PathLike[str]) ->
     try:
         ImageOps.exif_transpose(image, in_place=True)
     except Exception as error:  # noqa: BLE001 - broken EXIF must not cost us a good image
-        log.debug("ignoring unreadable EXIF in %s: %r", os.fspath(path), error)
+        log.debug("ignoring unreadable EXIF in %s: %r", shown(path), error)
 
 
 def to_rgb(

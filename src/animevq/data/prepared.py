@@ -51,6 +51,7 @@ from torch.utils.data import Dataset
 
 from animevq.data.dataset import SampleKey, SkipLedger, _seed_of, substitute_order
 from animevq.data.images import SkipReason
+from animevq.data.names import shown
 from animevq.data.transforms import crop_resize, resize_box, to_tensor
 
 FORMAT_NAME = "animevq-prepared"
@@ -154,7 +155,7 @@ class PreparedFolder:
     def row_problem(self, row: int) -> str:
         """What is wrong with index row ``row`` (one of :attr:`bad_rows`), for messages."""
         shard, offset, height, width = (int(value) for value in self.index[row])
-        where = f"row {row} ({self.paths[row]!r})"
+        where = f"row {row} ('{shown(self.paths[row])}')"
         if not 0 <= shard < len(self.shards):
             return f"{where}: shard {shard} does not exist ({len(self.shards)} shards)"
         if min(height, width) != self.size:
@@ -173,31 +174,34 @@ def read_prepared(path: str | os.PathLike[str]) -> PreparedFolder:
             to re-run ``animevq prepare``.
     """
     root = Path(path).expanduser().absolute()
-    redo = f"re-run `animevq prepare SRC {root} --overwrite`"
+    where = shown(root)
+    redo = f"re-run `animevq prepare SRC {where} --overwrite`"
     try:
         manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
         paths = json.loads((root / PATHS_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise ValueError(f"{root} is not a readable prepared folder ({error}); {redo}") from error
+        raise ValueError(f"{where} is not a readable prepared folder ({error}); {redo}") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{root / MANIFEST_NAME} is not an animevq prepared manifest; {redo}")
+        raise ValueError(f"{where}/{MANIFEST_NAME} is not an animevq prepared manifest; {redo}")
     if not isinstance(manifest.get("version"), int) or manifest["version"] > FORMAT_VERSION:
         raise ValueError(
-            f"{root} was prepared by a newer animevq (format {manifest.get('version')!r}, this "
+            f"{where} was prepared by a newer animevq (format {manifest.get('version')!r}, this "
             f"one reads up to {FORMAT_VERSION}); upgrade animevq or {redo}"
         )
     problem = _manifest_problem(manifest)
     if problem:
-        raise ValueError(f"{root / MANIFEST_NAME}: {problem}; {redo}")
+        raise ValueError(f"{where}/{MANIFEST_NAME}: {problem}; {redo}")
     count = manifest["num_images"]
     if not (isinstance(paths, list) and len(paths) == count
             and all(isinstance(item, str) for item in paths) and len(set(paths)) == count):
-        raise ValueError(f"{root / PATHS_NAME} is not a list of {count} distinct paths; {redo}")
+        raise ValueError(f"{where}/{PATHS_NAME} is not a list of {count} distinct paths; {redo}")
     index = _read_index(root / INDEX_NAME, count, redo)
     for shard in manifest["shards"]:
         file = root / shard["name"]
         if not file.is_file() or file.stat().st_size != shard["bytes"]:
-            raise ValueError(f"{file} is missing or has the wrong size (copy cut short?); {redo}")
+            raise ValueError(
+                f"{shown(file)} is missing or has the wrong size (copy cut short?); {redo}"
+            )
     skipped = [SkippedFile(**item) for item in manifest["skipped"]]
     return PreparedFolder(root=root, manifest=manifest, paths=paths, index=index, skipped=skipped)
 
@@ -234,10 +238,10 @@ def _read_index(file: Path, count: int, redo: str) -> np.ndarray:
     try:
         mapped = np.load(file, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{file} is not a readable index ({error}); {redo}") from error
+        raise ValueError(f"{shown(file)} is not a readable index ({error}); {redo}") from error
     if mapped.dtype != np.int64 or mapped.shape != (count, _INDEX_COLUMNS):
         raise ValueError(
-            f"{file} holds {mapped.dtype} {mapped.shape}, not the int64 ({count}, "
+            f"{shown(file)} holds {mapped.dtype} {mapped.shape}, not the int64 ({count}, "
             f"{_INDEX_COLUMNS}) rows (shard, offset, height, width) of the manifest; {redo}"
         )
     return np.array(mapped)
@@ -272,10 +276,10 @@ class PreparedDataset(Dataset[torch.Tensor]):
     ) -> None:
         if image_size > folder.size:
             raise ValueError(
-                f"{folder.root} was prepared at size {folder.size}, smaller than "
+                f"{shown(folder.root)} was prepared at size {folder.size}, smaller than "
                 f"image_size={image_size}; re-run `animevq prepare "
-                f"{folder.manifest.get('source', 'SRC')} {folder.root} --size {image_size} "
-                "--overwrite`, or lower image_size"
+                f"{shown(folder.manifest.get('source', 'SRC'))} {shown(folder.root)} "
+                f"--size {image_size} --overwrite`, or lower image_size"
             )
         self.root = folder.root
         self.shard_files = [str(folder.root / name) for name in folder.shards]
@@ -328,8 +332,8 @@ class PreparedDataset(Dataset[torch.Tensor]):
             self.ledger.skip(file_id, SkipReason.BAD_INDEX_ROW)
         raise RuntimeError(
             f"none of the {len(self)} stored images of this split can be read: their rows of "
-            f"{self.root / INDEX_NAME} are damaged; re-run `animevq prepare SRC {self.root} "
-            "--overwrite`"
+            f"{shown(self.root / INDEX_NAME)} are damaged; re-run `animevq prepare SRC "
+            f"{shown(self.root)} --overwrite`"
         )
 
     def __getitem__(self, key: int | SampleKey) -> torch.Tensor:
