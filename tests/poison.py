@@ -26,6 +26,20 @@ def forged_bomb(path: Path) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + png_chunk(b"IEND", b""))
 
 
+def flat_png(path: Path, width: int, bands: list[tuple[int, bytes]], *, depth: int,
+             color_type: int) -> None:
+    """A valid PNG of horizontal bands, each (rows, the samples of one row), written row by
+    row: a 16384×8192 image in under a second, never whole in memory. ``depth`` and
+    ``color_type`` as in the PNG header (0 gray, 2 RGB, 6 RGBA)."""
+    compressor = zlib.compressobj(1)
+    parts = [compressor.compress(b"\0" + row) for rows, row in bands for _ in range(rows)]
+    parts.append(compressor.flush())  # b"\0": each row's filter type, none
+    height = sum(rows for rows, _ in bands)
+    header = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    body = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", b"".join(parts))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + png_chunk(b"IEND", b""))
+
+
 def write_good(folder: Path) -> None:
     """Unusual files that must load (see test_unusual_files_decode_correctly)."""
     Image.new("CMYK", (S, S), (0, 255, 255, 0)).save(folder / "cmyk.jpg")  # red in CMYK

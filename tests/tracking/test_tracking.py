@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -259,6 +262,48 @@ def test_swanlab_failing_mid_run_keeps_training_and_fills_csv(
     assert steps == list(range(1, STEPS))  # step 0 went to SwanLab, the rest to the CSV
     logged = read_swanlog(tmp_path / "swanlog")
     assert [s for s, _ in next(iter(logged.values()))["train/recon_loss"]] == [0]
+
+
+# A fit as `animevq fit` runs one: logging to stderr, which SwanLab records as the console.
+_FIT_WITH_A_BAD_NAME = """
+import logging, sys
+from animevq.data import AnimeDataModule, DataReport
+from animevq.tracking import SwanLabLogger
+from conftest import tiny_trainer
+from probe import Probe
+logging.basicConfig(level=logging.INFO)
+logger = SwanLabLogger(experiment_name="names", log_dir=sys.argv[2], mode="local")
+dm = AnimeDataModule(sys.argv[1], batch_size=1, val_split=0.0, image_size=16, num_workers=0)
+trainer = tiny_trainer(max_epochs=2, logger=logger, callbacks=[DataReport()], limit_val_batches=0,
+                       log_every_n_steps=1)
+trainer.fit(Probe(), datamodule=dm)
+assert logger.failure is None, logger.failure
+"""
+
+
+@pytest.mark.slow
+def test_a_skipped_file_whose_name_is_not_utf8_logs_without_errors(tmp_path: Path) -> None:
+    """was: "SwanLab background logger thread error ... UnicodeEncodeError" every epoch."""
+    if sys.platform == "darwin":
+        pytest.skip(f"{__file__}: macOS file systems refuse names that are not UTF-8")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(data / f"ok{i}.png")
+    (data / os.fsdecode(b"bad\xff.png")).write_text("not an image")
+    tests = Path(__file__).resolve().parents[1]
+    path = [str(tests.parent / "src"), str(tests), os.environ.get("PYTHONPATH", "")]  # as conftest
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    env.pop("SWANLAB_LOG_DIR", None)
+    done = subprocess.run([sys.executable, "-c", _FIT_WITH_A_BAD_NAME, str(data), str(tmp_path / "swanlog")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "UnicodeEncodeError" not in output and "logger thread error" not in output, output[-4000:]
+    [(_, series)] = read_swanlog(tmp_path / "swanlog").items()
+    assert [value for _, value in series["data/skipped_files"]] == [1.0, 1.0]  # one per epoch
+    console = "".join(f.read_text(encoding="utf-8") for f in (tmp_path / "swanlog").glob("run-*/console/*.log"))
+    assert console.count("1 not_an_image (bad\\xff.png)") == 2
 
 
 def test_log_image_dispatches_and_rejects_non_uint8() -> None:

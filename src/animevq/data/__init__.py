@@ -15,16 +15,14 @@ from animevq.data.images import (
     IMAGE_EXTENSIONS,
     ImageSkipped,
     SkipReason,
-    crop_resize,
     load_image,
-    resize_box,
     to_rgb,
-    to_tensor,
 )
 from animevq.data.prepare import PrepareOptions, PrepareResult, prepare_folder
 from animevq.data.prepared import PreparedDataset, PreparedFolder, is_prepared, read_prepared
 from animevq.data.report import DataReport
 from animevq.data.resumable import LoaderPosition, ResumableDataLoader, make_resumable
+from animevq.data.transforms import crop_resize, resize_box, to_tensor
 
 __all__ = [
     "IMAGE_EXTENSIONS",

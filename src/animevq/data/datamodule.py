@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -14,8 +15,20 @@ from torch.utils.data import DataLoader
 
 from animevq.data.dataset import EpochSampler, ImageFolderDataset, SkipLedger, SkipReport
 from animevq.data.discovery import Discovery, find_images, sample_dir, split_by_hash
-from animevq.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
-from animevq.data.prepared import PreparedDataset, PreparedFolder, is_prepared, read_prepared
+from animevq.data.images import (
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    SkipReason,
+)
+from animevq.data.names import shown
+from animevq.data.prepared import (
+    INDEX_NAME,
+    PreparedDataset,
+    PreparedFolder,
+    is_prepared,
+    read_prepared,
+)
 
 log = logging.getLogger(__name__)
 _warn_once = rank_zero_only(log.warning)
@@ -83,7 +96,8 @@ class AnimeDataModule(LightningDataModule):
     with the same split (by source path), the same augmentation draws and the same
     validation crops as ``SRC`` itself; files skipped while preparing are reported as
     skipped. ``image_size`` must not exceed the prepared size; the prepared folder's own
-    ``--min_image_size`` and ``--max_image_pixels`` apply instead of this module's.
+    ``--min_image_size``, ``--max_image_pixels`` and ``--max_image_bytes`` apply instead of
+    this module's.
 
     Args:
         data_dir: folder of images, or a prepared folder; None uses the sample folder
@@ -97,6 +111,8 @@ class AnimeDataModule(LightningDataModule):
         pin_memory: None pins when CUDA is available.
         persistent_workers: None keeps workers alive between epochs when there are any.
         max_image_pixels: files whose header claims more pixels are refused undecoded.
+        max_image_bytes: files whose decoding and conversion to RGB would hold more bytes
+            at once (estimated from the header) are refused undecoded, as ``too_large``.
         min_image_size: files with a shorter side are skipped as ``too_small``.
         random_flip: flip training crops horizontally with probability 1/2.
         drop_last: drop the last incomplete training batch (kept if it is the only one).
@@ -114,6 +130,7 @@ class AnimeDataModule(LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_image_bytes: int = DEFAULT_MAX_DECODED_BYTES,
         min_image_size: int = DEFAULT_MIN_SIDE,
         random_flip: bool = True,
         drop_last: bool = True,
@@ -122,7 +139,8 @@ class AnimeDataModule(LightningDataModule):
         self.save_hyperparameters()
         for name, value, low in (
             ("batch_size", batch_size, 1), ("image_size", image_size, 1),
-            ("max_image_pixels", max_image_pixels, 1), ("min_image_size", min_image_size, 1),
+            ("max_image_pixels", max_image_pixels, 1), ("max_image_bytes", max_image_bytes, 1),
+            ("min_image_size", min_image_size, 1),
         ):
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
@@ -139,6 +157,7 @@ class AnimeDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.max_image_pixels = max_image_pixels
+        self.max_image_bytes = max_image_bytes
         self.min_image_size = min_image_size
         self.random_flip = random_flip
         self.drop_last = drop_last
@@ -161,7 +180,8 @@ class AnimeDataModule(LightningDataModule):
         ledger = SkipLedger(len(discovery.files))
         common = dict(
             image_size=self.image_size, seed=self.seed, random_flip=self.random_flip,
-            max_pixels=self.max_image_pixels, min_side=self.min_image_size,
+            max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes,
+            min_side=self.min_image_size,
         )
         self.train_dataset = ImageFolderDataset(
             discovery.root, discovery.files, split.train, ledger, train=True, **common
@@ -172,7 +192,7 @@ class AnimeDataModule(LightningDataModule):
         self.discovery, self.ledger = discovery, ledger
         _info_once(
             "found %d images under %s: %d train, %d val",
-            len(discovery.files), discovery.root, len(split.train), len(split.val),
+            len(discovery.files), shown(discovery.root), len(split.train), len(split.val),
         )
         if discovery.skipped:
             listing = SkipReport(tuple((path, reason.label) for path, reason in discovery.skipped))
@@ -189,14 +209,27 @@ class AnimeDataModule(LightningDataModule):
         for item in folder.skipped:
             if item.stage == "loading":
                 ledger.status[position[item.path]] = int(item.skip_reason)
+        bad_rows = np.flatnonzero(folder.bad_rows)
+        for row in bad_rows:  # stored, but unreadable: replaced like bad files when drawn
+            ledger.status[position[folder.paths[row]]] = int(SkipReason.BAD_INDEX_ROW)
+        if len(bad_rows):
+            listed = "; ".join(folder.row_problem(int(row)) for row in bad_rows[:3])
+            _warn_once(
+                f"{shown(folder.root / INDEX_NAME)}: {len(bad_rows)} damaged row(s) skipped "
+                f"({listed}"
+                f"{'; …' if len(bad_rows) > 3 else ''}); re-run `animevq prepare SRC "
+                f"{shown(folder.root)} --overwrite` to rebuild it"
+            )
         train = [i for i in split.train if rows[i] >= 0]
         val = [i for i in split.val if rows[i] >= 0]
-        if not train:
+        if not any(not folder.bad_rows[rows[i]] for i in train):
             raise ValueError(
-                f"data_dir {folder.root} has no stored image in the training split "
-                f"({len(folder.paths)} stored in all); lower val_split or add images"
+                f"data_dir {shown(folder.root)} has no readable stored image in the training split "
+                f"({len(folder.paths)} stored in all, {len(bad_rows)} with damaged index rows); "
+                "lower val_split, add images or re-run `animevq prepare`"
             )
-        common = dict(image_size=self.image_size, seed=self.seed, random_flip=self.random_flip)
+        common = dict(image_size=self.image_size, seed=self.seed, random_flip=self.random_flip,
+                      ledger=ledger)
         self.train_dataset = PreparedDataset(folder, train, train=True, **common)
         self.val_dataset = PreparedDataset(folder, val, train=False, **common)
         listing = [(item.path, item.skip_reason) for item in folder.skipped
@@ -205,7 +238,7 @@ class AnimeDataModule(LightningDataModule):
         self.ledger = ledger
         _info_once(
             "found %d prepared images (short side %d) under %s: %d train, %d val",
-            len(folder.paths), folder.size, folder.root, len(train), len(val),
+            len(folder.paths), folder.size, shown(folder.root), len(train), len(val),
         )
         if folder.skipped:
             report = SkipReport(tuple(sorted((item.path, item.reason) for item in folder.skipped)))

@@ -26,14 +26,15 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from animevq.data.images import (
+    DEFAULT_MAX_DECODED_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
     ImageSkipped,
     SkipReason,
-    crop_resize,
     load_image,
-    to_tensor,
 )
+from animevq.data.names import shown
+from animevq.data.transforms import crop_resize, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,17 @@ class SampleKey(NamedTuple):
 def _seed_of(*parts: object) -> int:
     text = ":".join(str(part) for part in parts).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") >> 1
+
+
+def substitute_order(index: int, count: int, seed: int) -> Iterator[int]:
+    """Positions to try for item ``index`` of ``count``: itself, then random substitutes
+    fixed by (seed, index), then every other position in order (so the scan terminates)."""
+    yield index
+    rng = random.Random(_seed_of("substitute", seed, index))
+    for _ in range(min(_RANDOM_SUBSTITUTES, count - 1)):
+        yield rng.randrange(count)
+    for step in range(1, count):
+        yield (index + step) % count
 
 
 class EpochSampler(Sampler[SampleKey]):
@@ -127,6 +139,18 @@ class SkipLedger:
     def reset_epoch(self) -> None:
         self.tried.zero_()
 
+    def skip(self, file_id: int, reason: SkipReason) -> None:
+        """Record that ``file_id`` was found unusable this epoch."""
+        self.tried[file_id] = True
+        self.status[file_id] = int(reason)
+
+    def known_bad(self, file_id: int) -> bool:
+        """Whether ``file_id`` was found unusable before; if so it counts for this epoch."""
+        if int(self.status[file_id]) <= _LOADED:
+            return False
+        self.tried[file_id] = True
+        return True
+
 
 @dataclass(frozen=True)
 class SkipReport:
@@ -154,9 +178,9 @@ class SkipReport:
         c.png)``, at most ``max_examples`` names per reason."""
         parts = []
         for reason, count in self.counts.items():
-            names = [path for path, label in self.files if label == reason]
-            shown = ", ".join(names[:max_examples]) + (", …" if count > max_examples else "")
-            parts.append(f"{count} {reason} ({shown})")
+            names = [shown(path) for path, label in self.files if label == reason]
+            examples = ", ".join(names[:max_examples]) + (", …" if count > max_examples else "")
+            parts.append(f"{count} {reason} ({examples})")
         plural = "" if self.total == 1 else "s"
         return f"skipped {self.total} file{plural} {when}: " + ", ".join(parts)
 
@@ -182,6 +206,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
         seed: int = 0,
         random_flip: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
         min_side: int = DEFAULT_MIN_SIDE,
     ) -> None:
         self.root = root
@@ -193,6 +218,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
         self.seed = seed
         self.random_flip = random_flip
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.min_side = min_side
 
     def __len__(self) -> int:
@@ -203,7 +229,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         image = None
-        for position in self._candidates(index):
+        for position in substitute_order(index, len(self), self.seed):
             image = self._try_load(position)
             if image is not None:
                 break
@@ -211,7 +237,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
             codes = self.ledger.status[torch.from_numpy(self.file_ids)].tolist()
             reasons = Counter(SkipReason(code).label for code in codes if code > _LOADED)
             raise RuntimeError(
-                f"none of the {len(self)} image files under {self.root} could be decoded "
+                f"none of the {len(self)} image files under {shown(self.root)} could be decoded "
                 f"({', '.join(f'{n} {label}' for label, n in reasons.most_common())}); "
                 "fix or remove them, or point data_dir at another folder"
             )
@@ -224,15 +250,6 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(crop)  # (3,S,S)
 
-    def _candidates(self, index: int) -> Iterator[int]:
-        """``index``, then random substitutes, then every other position in order."""
-        yield index
-        rng = random.Random(_seed_of("substitute", self.seed, index))
-        for _ in range(min(_RANDOM_SUBSTITUTES, len(self) - 1)):
-            yield rng.randrange(len(self))
-        for step in range(1, len(self)):
-            yield (index + step) % len(self)
-
     def _try_load(self, position: int) -> Image.Image | None:
         file_id = int(self.file_ids[position])
         self.ledger.tried[file_id] = True
@@ -242,7 +259,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
         path = self.root / self.paths[file_id]
         try:
             image = load_image(
-                path, max_pixels=self.max_pixels, min_side=self.min_side,
+                path, max_pixels=self.max_pixels, max_bytes=self.max_bytes, min_side=self.min_side,
                 target_size=self.image_size,
             )
         except ImageSkipped as skip:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from animevq.data.images import IMAGE_EXTENSIONS, SkipReason
+from animevq.data.names import shown
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ def find_images(
     wanted = ", ".join(extensions)
     if not root.exists():
         raise FileNotFoundError(
-            f"{role} {root} does not exist; point {role} at a folder of images ({wanted})"
+            f"{role} {shown(root)} does not exist; point {role} at a folder of images ({wanted})"
         )
     if not root.is_dir():
-        raise ValueError(f"{role} {root} is a file, not a folder of images ({wanted})")
+        raise ValueError(f"{role} {shown(root)} is a file, not a folder of images ({wanted})")
     real_root = os.path.realpath(root)
     files: list[str] = []
     skipped: list[tuple[str, SkipReason]] = []
@@ -87,7 +88,7 @@ def find_images(
         try:
             entries = list(os.scandir(folder))
         except OSError as error:
-            log.warning("cannot list %s (%s); its images are left out", folder, error)
+            log.warning("cannot list %s (%s); its images are left out", shown(folder), error)
             continue
         for entry in entries:
             if entry.name.startswith("."):
@@ -113,12 +114,12 @@ def find_images(
         log.info(
             "not following %d symlinked folder(s) under %s (e.g. %s): files inside data_dir "
             "are listed already and links out of it are not part of the dataset",
-            len(unfollowed_dirs), root, ", ".join(sorted(unfollowed_dirs)[:3]),
+            len(unfollowed_dirs), shown(root), ", ".join(map(shown, sorted(unfollowed_dirs)[:3])),
         )
     if not files:
         refused = f"; refused {len(skipped)} link(s)" if skipped else ""
         raise ValueError(
-            f"{role} {root} holds no images: looked recursively for files ending in "
+            f"{role} {shown(root)} holds no images: looked recursively for files ending in "
             f"{wanted} (any case) and found {others} other file(s){refused}"
         )
     files.sort()
@@ -133,7 +134,7 @@ def _classify_link(path: str, real_root: str) -> Literal["file", "dir"] | SkipRe
         target = os.stat(path)  # follows the link; raises ELOOP for a loop
     except OSError as error:
         if error.errno not in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
-            log.debug("cannot stat link %s: %s", path, error)
+            log.debug("cannot stat link %s: %s", shown(path), error)
         return SkipReason.BROKEN_LINK
     if stat.S_ISDIR(target.st_mode):
         return "dir"

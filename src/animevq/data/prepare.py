@@ -27,11 +27,13 @@ from tqdm import tqdm
 from animevq.data.dataset import SkipReport
 from animevq.data.discovery import find_images
 from animevq.data.images import (
+    DEFAULT_MAX_DECODED_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
     ImageSkipped,
     load_image,
 )
+from animevq.data.names import shown
 from animevq.data.prepared import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -59,6 +61,7 @@ class PrepareOptions:
     max_aspect: float = 2.0  # keeps 2:3 and 9:16 illustrations whole; longer ones centre-cropped
     min_image_size: int = DEFAULT_MIN_SIDE
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_DECODED_BYTES
 
 
 class PrepareResult(NamedTuple):
@@ -94,6 +97,7 @@ def _convert(relative: str) -> Converted:
     try:
         image = load_image(
             os.path.join(root, relative), max_pixels=options.max_image_pixels,
+            max_bytes=options.max_image_bytes,
             min_side=options.min_image_size, target_size=options.size,
         )
     except ImageSkipped as skip:
@@ -126,7 +130,7 @@ def _check_destination(dst: Path, src: Path, options: PrepareOptions, overwrite:
     if not dst.exists():
         return False
     if not dst.is_dir():
-        raise ValueError(f"DST {dst} is a file; choose a folder path for the prepared data")
+        raise ValueError(f"DST {shown(dst)} is a file; choose a folder path for the prepared data")
     if is_prepared(dst):
         if overwrite:
             return False
@@ -134,12 +138,12 @@ def _check_destination(dst: Path, src: Path, options: PrepareOptions, overwrite:
         if manifest["options"] == asdict(options) and manifest["source"] == str(src):
             return True
         raise ValueError(
-            f"DST {dst} already holds data prepared from {manifest['source']} with "
+            f"DST {shown(dst)} already holds data prepared from {shown(manifest['source'])} with "
             f"{manifest['options']}; pass --overwrite to replace it, or choose another DST"
         )
     if any(dst.iterdir()):
         raise ValueError(
-            f"DST {dst} exists and is not a prepared folder (no {MANIFEST_NAME}); refusing "
+            f"DST {shown(dst)} exists and is not a prepared folder (no {MANIFEST_NAME}); refusing "
             "to write into it: choose a new or empty folder"
         )
     return False
@@ -201,7 +205,8 @@ def prepare_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         counts = ", ".join(f"{n} {label}" for label, n in _report(skipped).counts.items())
         raise ValueError(
-            f"none of the {len(files)} image files under {src_path} could be used ({counts}); "
+            f"none of the {len(files)} image files under {shown(src_path)} could be used "
+            f"({counts}); "
             "fix or remove them"
         )
     manifest = _write_outputs(tmp, writer, files, skipped, src_path, options)

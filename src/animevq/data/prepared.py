@@ -20,9 +20,16 @@ is at most ``size·max_aspect``, with (long − size) even. Why:
 - The resize box centred and (long − size) even: the centre crop of a stored image
   samples the same source points as the raw folder's validation crop, so validation
   tensors agree with the raw folder's to the last bit except for rare one-level
-  roundings (see :func:`~animevq.data.images.resize_box`).
+  roundings (see :func:`~animevq.data.transforms.resize_box`).
 - A few large shards: few open files per worker, sequential writes, kind to network
   filesystems that choke on a million small files.
+
+A prepared folder is read as untrusted input: :func:`read_prepared` refuses a manifest,
+path list or index file of the wrong structure (the message names the file and says to
+re-run ``animevq prepare``), memory-mapping the index to check its header before anything
+is allocated. A single index row that cannot be read (outside its shard, no side of the
+stored size) is found by one vectorised check; the file is skipped as ``bad_index_row``
+and replaced like any bad file, and each read checks its row again.
 """
 
 from __future__ import annotations
@@ -42,8 +49,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from animevq.data.dataset import SampleKey, _seed_of
-from animevq.data.images import SkipReason, crop_resize, resize_box, to_tensor
+from animevq.data.dataset import SampleKey, SkipLedger, _seed_of, substitute_order
+from animevq.data.images import SkipReason
+from animevq.data.names import shown
+from animevq.data.transforms import crop_resize, resize_box, to_tensor
 
 FORMAT_NAME = "animevq-prepared"
 FORMAT_VERSION = 1
@@ -78,7 +87,7 @@ def stored_image(image: Image.Image, size: int, max_aspect: float) -> np.ndarray
 
     The resize box is centred and scaled like the raw folder's crop (short side → size),
     so the centre size×size crop of the result equals ``crop_resize(image, size)`` (up to
-    rare one-level roundings: see :func:`~animevq.data.images.resize_box`).
+    rare one-level roundings: see :func:`~animevq.data.transforms.resize_box`).
     """
     width, height = image.size
     short, long = min(width, height), max(width, height)
@@ -128,38 +137,114 @@ class PreparedFolder:
         row_of = {path: row for row, path in enumerate(self.paths)}
         return np.array([row_of.get(path, -1) for path in self.files], dtype=np.int64)
 
+    @functools.cached_property
+    def bad_rows(self) -> np.ndarray:
+        """(N,) bool: rows of ``index`` that cannot be read: a shard that does not exist, a
+        shape whose short side is not ``size``, or bytes outside the shard."""
+        shard_bytes = np.array([shard["bytes"] for shard in self.manifest["shards"]], np.int64)
+        shard, offset, height, width = self.index.T  # (N,) each
+        known = (shard >= 0) & (shard < len(shard_bytes))
+        available = shard_bytes[np.where(known, shard, 0)]  # (N,) bytes of each row's shard
+        # The long side is bounded before multiplying, so garbage cannot overflow int64.
+        longest = available.max(initial=0) // (_CHANNELS * self.size)
+        shaped = (np.minimum(height, width) == self.size) & (np.maximum(height, width) <= longest)
+        nbytes = np.where(shaped, height * width * _CHANNELS, 0)
+        inside = (offset >= 0) & (offset <= available - nbytes)
+        return ~(known & shaped & inside)
+
+    def row_problem(self, row: int) -> str:
+        """What is wrong with index row ``row`` (one of :attr:`bad_rows`), for messages."""
+        shard, offset, height, width = (int(value) for value in self.index[row])
+        where = f"row {row} ('{shown(self.paths[row])}')"
+        if not 0 <= shard < len(self.shards):
+            return f"{where}: shard {shard} does not exist ({len(self.shards)} shards)"
+        if min(height, width) != self.size:
+            return f"{where}: {height}x{width} has no side of the stored size {self.size}"
+        size = self.manifest["shards"][shard]["bytes"]
+        return (f"{where}: bytes from {offset} ({height}x{width}x3) are outside "
+                f"{self.shards[shard]} ({size} bytes)")
+
 
 def read_prepared(path: str | os.PathLike[str]) -> PreparedFolder:
     """Read and check the manifest, index and path list of a prepared folder.
 
     Raises:
         ValueError: not a prepared folder, written by a newer animevq, or damaged
-            (missing or truncated files); the message says to re-run ``animevq prepare``.
+            (missing, truncated or malformed files); the message names the file and says
+            to re-run ``animevq prepare``.
     """
     root = Path(path).expanduser().absolute()
-    redo = f"re-run `animevq prepare SRC {root} --overwrite`"
+    where = shown(root)
+    redo = f"re-run `animevq prepare SRC {where} --overwrite`"
     try:
         manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
         paths = json.loads((root / PATHS_NAME).read_text(encoding="utf-8"))
-        index = np.load(root / INDEX_NAME, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{root} is not a readable prepared folder ({error}); {redo}") from error
-    if manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{root / MANIFEST_NAME} is not an animevq prepared manifest; {redo}")
-    if int(manifest.get("version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{where} is not a readable prepared folder ({error}); {redo}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{where}/{MANIFEST_NAME} is not an animevq prepared manifest; {redo}")
+    if not isinstance(manifest.get("version"), int) or manifest["version"] > FORMAT_VERSION:
         raise ValueError(
-            f"{root} was prepared by a newer animevq (format {manifest['version']}, this one "
-            f"reads up to {FORMAT_VERSION}); upgrade animevq or {redo}"
+            f"{where} was prepared by a newer animevq (format {manifest.get('version')!r}, this "
+            f"one reads up to {FORMAT_VERSION}); upgrade animevq or {redo}"
         )
-    expected = (int(manifest["num_images"]), _INDEX_COLUMNS)
-    if index.shape != expected or index.dtype != np.int64 or len(paths) != expected[0]:
-        raise ValueError(f"{root}: index {index.shape} does not match the manifest; {redo}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ValueError(f"{where}/{MANIFEST_NAME}: {problem}; {redo}")
+    count = manifest["num_images"]
+    if not (isinstance(paths, list) and len(paths) == count
+            and all(isinstance(item, str) for item in paths) and len(set(paths)) == count):
+        raise ValueError(f"{where}/{PATHS_NAME} is not a list of {count} distinct paths; {redo}")
+    index = _read_index(root / INDEX_NAME, count, redo)
     for shard in manifest["shards"]:
         file = root / shard["name"]
         if not file.is_file() or file.stat().st_size != shard["bytes"]:
-            raise ValueError(f"{file} is missing or has the wrong size (copy cut short?); {redo}")
+            raise ValueError(
+                f"{shown(file)} is missing or has the wrong size (copy cut short?); {redo}"
+            )
     skipped = [SkippedFile(**item) for item in manifest["skipped"]]
     return PreparedFolder(root=root, manifest=manifest, paths=paths, index=index, skipped=skipped)
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is malformed in the fields that reading uses, or None."""
+    def counts(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def is_shard(k: int, shard: object) -> bool:
+        return (isinstance(shard, dict) and shard.get("name") == shard_name(k)
+                and counts(shard.get("bytes")))
+
+    def is_skipped(item: object) -> bool:
+        return (isinstance(item, dict) and set(item) == set(SkippedFile._fields)
+                and all(isinstance(value, str) for value in item.values())
+                and item["reason"] in {reason.label for reason in SkipReason})
+
+    if not (counts(manifest.get("num_images")) and counts(manifest.get("size"))
+            and manifest["size"] > 0):
+        return "num_images and size must be whole numbers (size > 0)"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(is_shard(k, shard) for k, shard in enumerate(shards)):
+        return "shards must list shard-00000.bin, shard-00001.bin, … in order, each with its bytes"
+    skipped = manifest.get("skipped")
+    if not isinstance(skipped, list) or not all(is_skipped(item) for item in skipped):
+        return f"skipped must list {{{', '.join(SkippedFile._fields)}}} entries with known reasons"
+    return None
+
+
+def _read_index(file: Path, count: int, redo: str) -> np.ndarray:
+    """index.npy as (count,4) int64, its header checked through a memory map before the
+    rows are read (a forged shape allocates nothing)."""
+    try:
+        mapped = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{shown(file)} is not a readable index ({error}); {redo}") from error
+    if mapped.dtype != np.int64 or mapped.shape != (count, _INDEX_COLUMNS):
+        raise ValueError(
+            f"{shown(file)} holds {mapped.dtype} {mapped.shape}, not the int64 ({count}, "
+            f"{_INDEX_COLUMNS}) rows (shard, offset, height, width) of the manifest; {redo}"
+        )
+    return np.array(mapped)
 
 
 class PreparedDataset(Dataset[torch.Tensor]):
@@ -173,7 +258,9 @@ class PreparedDataset(Dataset[torch.Tensor]):
     short-side square and resizes it, as the raw dataset does.
 
     Shards are memory-mapped on first use in each process (never pickled), so DataLoader
-    workers share the page cache instead of copying images.
+    workers share the page cache instead of copying images. An index row that cannot be
+    read (:attr:`PreparedFolder.bad_rows`, or a shard changed since) is recorded in
+    ``ledger`` as ``bad_index_row`` and replaced by another image, as a bad file is.
     """
 
     def __init__(
@@ -185,13 +272,14 @@ class PreparedDataset(Dataset[torch.Tensor]):
         train: bool,
         seed: int = 0,
         random_flip: bool = True,
+        ledger: SkipLedger | None = None,
     ) -> None:
         if image_size > folder.size:
             raise ValueError(
-                f"{folder.root} was prepared at size {folder.size}, smaller than "
+                f"{shown(folder.root)} was prepared at size {folder.size}, smaller than "
                 f"image_size={image_size}; re-run `animevq prepare "
-                f"{folder.manifest.get('source', 'SRC')} {folder.root} --size {image_size} "
-                "--overwrite`, or lower image_size"
+                f"{shown(folder.manifest.get('source', 'SRC'))} {shown(folder.root)} "
+                f"--size {image_size} --overwrite`, or lower image_size"
             )
         self.root = folder.root
         self.shard_files = [str(folder.root / name) for name in folder.shards]
@@ -200,6 +288,8 @@ class PreparedDataset(Dataset[torch.Tensor]):
         if (rows < 0).any():
             raise ValueError("file_ids include files that were skipped while preparing")
         self.entries = folder.index[rows]  # (n,4) shard, byte offset, height, width
+        self.bad = folder.bad_rows[rows]  # (n,) bool
+        self.ledger = SkipLedger(len(folder.files)) if ledger is None else ledger
         self.stored_size = folder.size
         self.image_size = image_size
         self.train = train
@@ -215,13 +305,36 @@ class PreparedDataset(Dataset[torch.Tensor]):
         state["_maps"] = None  # each process maps the shards itself
         return state
 
-    def pixels(self, index: int) -> np.ndarray:
-        """The stored image at ``index``: a read-only uint8 view (H,W,3)."""
+    def pixels(self, index: int) -> np.ndarray | None:
+        """The stored image at ``index``: a read-only uint8 view (H,W,3), or None if its
+        index row does not describe one that is there."""
         if self._maps is None:
             self._maps = [np.memmap(file, dtype=np.uint8, mode="r") for file in self.shard_files]
+        if self.bad[index]:
+            return None
         shard, offset, height, width = (int(value) for value in self.entries[index])
-        flat = self._maps[shard][offset : offset + height * width * _CHANNELS]
-        return flat.reshape(height, width, _CHANNELS)
+        end = offset + height * width * _CHANNELS
+        if not (0 <= shard < len(self._maps) and 0 <= offset <= end <= len(self._maps[shard])
+                and min(height, width) == self.stored_size):
+            return None  # the shard changed after the folder was checked
+        return self._maps[shard][offset:end].reshape(height, width, _CHANNELS)
+
+    def _first_readable(self, index: int) -> np.ndarray:
+        """The pixels at ``index`` or, if its row is bad, at a substitute (as the raw
+        dataset substitutes), recording each bad row in the ledger."""
+        for position in substitute_order(index, len(self), self.seed):
+            file_id = int(self.file_ids[position])
+            if self.ledger.known_bad(file_id):
+                continue
+            pixels = self.pixels(position)
+            if pixels is not None:
+                return pixels
+            self.ledger.skip(file_id, SkipReason.BAD_INDEX_ROW)
+        raise RuntimeError(
+            f"none of the {len(self)} stored images of this split can be read: their rows of "
+            f"{shown(self.root / INDEX_NAME)} are damaged; re-run `animevq prepare SRC "
+            f"{shown(self.root)} --overwrite`"
+        )
 
     def __getitem__(self, key: int | SampleKey) -> torch.Tensor:
         index, epoch = (key.index, key.epoch) if isinstance(key, SampleKey) else (int(key), 0)
@@ -232,7 +345,7 @@ class PreparedDataset(Dataset[torch.Tensor]):
             rng = random.Random(_seed_of("augment", self.seed, epoch, index))
             offset, flip = rng.random(), rng.random() < 0.5
             flip = flip and self.random_flip
-        pixels = self.pixels(index)  # (H,W,3)
+        pixels = self._first_readable(index)  # (H,W,3)
         if self.image_size != self.stored_size:
             image = Image.fromarray(np.asarray(pixels))
             crop = np.asarray(crop_resize(image, self.image_size, offset))  # (S,S,3)

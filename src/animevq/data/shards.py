@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from animevq.data.names import shown
 from animevq.data.prepared import MANIFEST_NAME, shard_name
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class ShardWriter:
         if folder.exists():
             if not folder.is_dir() or (any(folder.iterdir()) and not _is_ours(folder)):
                 raise ValueError(
-                    f"{folder} exists and was not written by animevq prepare; move or remove it"
+                    f"{shown(folder)} exists and was not written by animevq prepare; "
+                    "move or remove it"
                 )
             if writer._replay():
                 return writer
@@ -88,7 +90,8 @@ class ShardWriter:
         try:
             lines = (self.folder / JOURNAL_NAME).read_text(encoding="utf-8").splitlines()
             if not lines or json.loads(lines[0]) != self.header:
-                log.info("discarding %s: interrupted with other settings or files", self.folder)
+                log.info("discarding %s: interrupted with other settings or files",
+                         shown(self.folder))
                 return False
         except (OSError, ValueError):
             return False
@@ -111,7 +114,8 @@ class ShardWriter:
                 stale.unlink()
         self._journaled = (len(self.images), len(self.skipped))
         self._rewrite_journal(entries)
-        log.info("resuming %s after %d files (%d shards)", self.folder, self.next_file, self.shard)
+        log.info("resuming %s after %d files (%d shards)", shown(self.folder), self.next_file,
+                 self.shard)
         return True
 
     def _rewrite_journal(self, entries: list[dict[str, Any]]) -> None:

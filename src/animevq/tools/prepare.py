@@ -32,10 +32,13 @@ def main(argv: Sequence[str]) -> int:
     add("--shard_size_mb", type=float, default=1024.0, help="size of each shard file")
     add("--min_image_size", type=int, default=defaults.min_image_size, help="skip smaller images")
     add("--max_image_pixels", type=int, default=defaults.max_image_pixels, help="refuse larger ones")
+    add("--max_image_bytes", type=int, default=defaults.max_image_bytes,
+        help="refuse files whose decoding and conversion to RGB need more memory")
     add("--overwrite", action="store_true", help="replace a prepared DST")
     add("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv)[1:])
-    options = PrepareOptions(args.size, args.max_aspect, args.min_image_size, args.max_image_pixels)
+    options = PrepareOptions(args.size, args.max_aspect, args.min_image_size, args.max_image_pixels,
+                             args.max_image_bytes)
 
     def work() -> str:
         result = prepare_folder(
