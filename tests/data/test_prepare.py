@@ -288,6 +288,11 @@ def test_command_line_errors_name_the_path(
     assert main(["prepare", str(src), str(dst), "--size", str(S), "--no_progress"]) == 0
     assert main(["prepare", str(src), str(dst), "--size", str(S), "--no_progress"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+    manifest = json.loads((dst / "manifest.json").read_text())
+    del manifest["options"]["max_image_bytes"]  # as animevq wrote it before that option existed
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["prepare", str(src), str(dst), "--size", str(S), "--no_progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
     assert "--overwrite" in fails(str(src), str(dst), "--max_aspect", "1.5")
     assert main(["prepare", str(src), str(dst), "--size", str(S + 4), "--overwrite",
                  "--no_progress"]) == 0

@@ -135,7 +135,9 @@ def _check_destination(dst: Path, src: Path, options: PrepareOptions, overwrite:
         if overwrite:
             return False
         manifest = read_prepared(dst).manifest
-        if manifest["options"] == asdict(options) and manifest["source"] == str(src):
+        # A folder prepared before an option existed was prepared as its default does.
+        recorded = {**asdict(PrepareOptions()), **manifest["options"]}
+        if recorded == asdict(options) and manifest["source"] == str(src):
             return True
         raise ValueError(
             f"DST {shown(dst)} already holds data prepared from {shown(manifest['source'])} with "
