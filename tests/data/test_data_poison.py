@@ -7,7 +7,6 @@ import logging
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -25,6 +24,7 @@ from animevq.data import (
 )
 from conftest import tiny_trainer
 from poison import BAD_FILES, BLUE, RED, S, write_bad, write_good
+from probe import Probe
 
 @pytest.fixture
 def poison(tmp_path: Path) -> Path:
@@ -135,32 +135,13 @@ def test_full_epoch_keeps_batch_shapes_and_counts_exactly(poison: Path, workers:
     assert {path for path, _ in dm.skip_report().files} == set(BAD_FILES)
 
 
-class _Probe(pl.LightningModule):
-    """Fits one scalar to the batch mean; records batch shapes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.level = torch.nn.Parameter(torch.zeros(()))
-        self.shapes: list[tuple[int, ...]] = []
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        self.shapes.append(tuple(batch.shape))
-        return (batch.mean() - self.level) ** 2
-
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self.shapes.append(tuple(batch.shape))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_data_report_warns_every_epoch_with_persistent_workers(
     poison: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     dm = AnimeDataModule(str(poison), batch_size=3, val_split=0.3, image_size=S,
                          num_workers=2, drop_last=False)
     assert dm.skipped == {}  # nothing is read before setup
-    probe, report = _Probe(), DataReport()
+    probe, report = Probe(), DataReport()
     trainer = tiny_trainer(max_epochs=2, callbacks=[report], num_sanity_val_steps=0)
     with caplog.at_level(logging.WARNING, logger="animevq.data"):
         trainer.fit(probe, datamodule=dm)
@@ -176,7 +157,7 @@ def test_data_report_warns_every_epoch_with_persistent_workers(
     assert float(trainer.callback_metrics["data/skipped_files"]) == len(loaded_bad)
     assert dm.skipped == {reason: 1 for reason in BAD_FILES.values()}
     assert not dm.ledger.epoch_codes().any()  # reset at the last epoch end
-    assert all(shape[1:] == (3, S, S) for shape in probe.shapes)
+    assert all(shape[1:] == (3, S, S) for shape in probe.shapes + probe.val_shapes)
 
 
 def test_a_folder_of_only_bad_files_fails_clearly(tmp_path: Path) -> None:
