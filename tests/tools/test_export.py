@@ -20,6 +20,9 @@ def test_export_command_writes_the_tokenizer_only(model: VQVAEModel, ckpt: Path,
     assert set(load_file(str(out / "model.safetensors"))) == set(model.tokenizer.state_dict())
     assert json.loads((out / "config.json").read_text())["_format_version"] == 2
     assert Tokenizer.from_pretrained(out).weights_sha256() == model.tokenizer.weights_sha256()
+    modes = {(out / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert len(modes) == 1  # one mode for both (safetensors alone wrote 0600, config.json 0644)
+    assert not list(out.glob(".*"))  # no temporary file left
 
     assert export.main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o2")]) == 1
     assert "nope.ckpt does not exist" in capsys.readouterr().err
