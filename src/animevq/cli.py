@@ -16,11 +16,13 @@ anything is built; a run stopped by SIGTERM writes ``last.ckpt`` and exits with 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import jsonargparse
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -121,6 +123,7 @@ class AnimeVQCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = Path(config["run_dir"])
+        _check_before_building(self.subcommand, config, run_dir)
         if "weights_only" in config and config["weights_only"] is None:
             # Lightning would unpickle anything in a resumed checkpoint; ours hold only tensors
             # and plain values, so nothing else is accepted.
@@ -179,6 +182,36 @@ class AnimeVQCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
+def _check_before_building(subcommand: str | None, config: Any, run_dir: Path) -> None:
+    """The mistakes a new user makes, refused before a model is built, each naming what to type.
+
+    Raises:
+        ValueError: a GPU preset on a machine without one, an image size the model cannot
+            halve down to its grid, or a fit into a run folder that holds another run's checkpoints.
+    """
+    accelerator = str(config["trainer"].get("accelerator") or "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--trainer.accelerator {accelerator}: this machine has no CUDA GPU; train on the CPU with "
+                         "--trainer.accelerator cpu --trainer.precision 32 (slow), or start with "
+                         "--config configs/quickstart.yaml")
+    stages = len(config["model"]["encoder_channels"])
+    size = config["data"]["image_size"]
+    if isinstance(size, int) and size % 2**stages:
+        lower, higher = size // 2**stages * 2**stages, (size // 2**stages + 1) * 2**stages
+        raise ValueError(f"--data.image_size {size} is not a multiple of {2**stages} (the encoder halves the image "
+                         f"{stages} times): use --data.image_size {higher}" + (f" or {lower}" if lower else ""))
+    folder = run_dir / "checkpoints"
+    if subcommand == "fit" and config.get("ckpt_path") is None and folder.is_dir():
+        found = sorted(p.name for p in folder.glob("*.ckpt"))
+        if found:
+            raise ValueError(f"run folder {run_dir} already holds a run ({', '.join(found[:3])}"
+                             f"{', ...' if len(found) > 3 else ''}): resume it with --ckpt_path last, or start "
+                             "another run with another --run_dir")
+    if config.get("ckpt_path") == "last" and not (folder / LAST_NAME).is_file() \
+            and not (folder / PREVIOUS_NAME).is_file():
+        log.warning("--ckpt_path last: %s holds no checkpoint to resume, so this is a new run", folder)
+
+
 def _explicit_over(saved: dict[str, Any], given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """``saved`` with every value of ``given`` that differs from ``defaults`` put over it (nested groups too)."""
     out = dict(saved)
@@ -199,10 +232,22 @@ def _trainer_defaults() -> dict[str, Any]:
     }
 
 
+VERBOSE_ENV = "ANIMEVQ_VERBOSE"  # set (to anything but 0) for tracebacks instead of one-line errors
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``animevq`` console script."""
+    """Entry point of the ``animevq`` console script.
+
+    From the command line an error is one line (``animevq fit: error: ...``) and status 1; with
+    ``--verbose`` or ``ANIMEVQ_VERBOSE=1`` it is the traceback. Called with ``argv`` from Python,
+    errors are raised as exceptions.
+    """
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv or os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--verbose"]
+    if from_command_line:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] in TOOLS:
         import importlib
@@ -219,6 +264,13 @@ def main(argv: list[str] | None = None) -> None:
     except SIGTERMException:
         log.warning("stopped by SIGTERM after writing the last checkpoint; resume with --ckpt_path last")
         raise SystemExit(EXIT_SIGTERM) from None
+    except Exception as error:
+        if verbose or not from_command_line:
+            raise
+        command = next((arg for arg in argv if not arg.startswith("-")), "animevq")
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"animevq {command}: error: {message} (add --verbose for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _moved_options(argv: list[str]) -> list[str]:

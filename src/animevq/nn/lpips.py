@@ -45,17 +45,22 @@ def _vgg_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
-def _missing_vgg_error(reason: str) -> RuntimeError:
-    cache = _vgg_cache_path()
-    url = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
-    return RuntimeError(
-        f"LPIPS needs torchvision's ImageNet VGG16 weights (VGG16_Weights.IMAGENET1K_V1) but {reason}. "
-        f"Provide them in one of these ways: (1) on a machine with internet, download {url} and place it "
-        f"at {cache} (the cache under torch.hub.get_dir(); set TORCH_HOME to move it); "
-        "(2) pass LPIPS(vgg_weights='/path/to/vgg16.pth') with a torchvision VGG16 state dict "
-        "(keys 'features.N.weight'/'features.N.bias'); "
-        "(3) for tests only, LPIPS(random_init=True) builds a randomly initialised VGG16."
-    )
+class VGGWeightsMissing(RuntimeError):
+    """LPIPS could not load torchvision's VGG16 weights: ``reason`` says why, ``cache`` and
+    ``url`` where they are looked for and where they come from; ``advice`` replaces the
+    default one (for Python users) with another (the CLI's options)."""
+
+    def __init__(self, reason: str, *, advice: str | None = None) -> None:
+        self.reason, self.cache = reason, _vgg_cache_path()
+        self.url = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
+        advice = advice or (
+            f"Provide them in one of these ways: (1) on a machine with internet, download {self.url} and place "
+            f"it at {self.cache} (the cache under torch.hub.get_dir(); set TORCH_HOME to move it); "
+            "(2) pass LPIPS(vgg_weights='/path/to/vgg16.pth') with a torchvision VGG16 state dict "
+            "(keys 'features.N.weight'/'features.N.bias'); "
+            "(3) for tests only, LPIPS(random_init=True) builds a randomly initialised VGG16.")
+        super().__init__(f"LPIPS needs torchvision's ImageNet VGG16 weights (VGG16_Weights.IMAGENET1K_V1) but "
+                         f"{reason}. {advice}")
 
 
 def _features_state(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
@@ -75,14 +80,14 @@ def _features_state(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
 def _default_vgg_state(allow_download: bool) -> dict[str, Tensor]:
     cache = _vgg_cache_path()
     if not cache.is_file() and not allow_download:
-        raise _missing_vgg_error(f"{cache} does not exist and allow_download=False")
+        raise VGGWeightsMissing(f"{cache} does not exist and allow_download=False")
     try:
         state = torchvision.models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(
             progress=True, check_hash=True, map_location="cpu", weights_only=True
         )
     except (OSError, RuntimeError, ValueError) as err:  # URLError is an OSError: offline
         reason = f"they could not be loaded or downloaded ({type(err).__name__}: {err})"
-        raise _missing_vgg_error(reason) from err
+        raise VGGWeightsMissing(reason) from err
     return _features_state(state, str(cache))
 
 

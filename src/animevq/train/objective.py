@@ -90,9 +90,15 @@ class Objective(nn.Module):
         self.config, self.adversarial = losses, adversarial
         self.lpips: nn.Module | None = None
         if losses.use_lpips:
-            from ..nn.lpips import LPIPS  # torchvision's VGG: only when asked for
+            from ..nn.lpips import LPIPS, VGGWeightsMissing  # torchvision's VGG: only when asked for
 
-            self.lpips = LPIPS(vgg_weights=losses.lpips_vgg_weights, random_init=losses.lpips_random_init)
+            try:
+                self.lpips = LPIPS(vgg_weights=losses.lpips_vgg_weights, random_init=losses.lpips_random_init)
+            except VGGWeightsMissing as error:  # the settings that fix it, as the CLI and YAML spell them
+                raise VGGWeightsMissing(error.reason, advice=(
+                    f"Download {error.url} (on a machine with internet) and pass --model.losses.lpips_vgg_weights "
+                    f"/path/to/vgg16-397923af.pth (or put the file at {error.cache}), or train without the "
+                    "perceptual loss: --model.use_lpips false")) from error
         self.discriminator: PatchDiscriminator | None = None
         self.lecam: LeCamEMA | None = None
         if losses.lambda_gan > 0:
