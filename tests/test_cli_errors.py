@@ -68,3 +68,24 @@ def test_missing_lpips_weights_name_the_options_that_fix_it(monkeypatch, capsys,
     line = _one_line_error(monkeypatch, capsys, "fit", "--config", str(config), "--model.use_lpips", "true")
     assert "LPIPS needs torchvision's ImageNet VGG16 weights" in line
     assert "--model.losses.lpips_vgg_weights /path/to/vgg16-397923af.pth" in line and "--model.use_lpips false" in line
+
+
+def test_the_summary_names_checkpoints_that_exist_by_absolute_paths(config: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    main(["fit", "--config", str(config)])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    best = next(checkpoints.glob("best-*.ckpt"))
+    # As after a kill that came after a new best was written: last.ckpt records a best file that a
+    # later one replaced, with a score the resumed epoch cannot beat.
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    gone, unbeatable = str(checkpoints / "best-gone.ckpt"), torch.tensor(-1.0)
+    state.update(best_model_path=gone, best_model_score=unbeatable, kth_best_model_path=gone, kth_value=unbeatable,
+                 best_k_models={gone: unbeatable})
+    torch.save(last, checkpoints / "last.ckpt")
+    capsys.readouterr()
+    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    lines = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if "checkpoint: " in line]
+    paths = [Path(line.split(" (")[0]) for line in lines]
+    assert len(paths) == 2 and all(p.is_absolute() and p.is_file() for p in paths), lines  # was: best-gone.ckpt
+    assert paths[1] == best.absolute() and "not recorded" in lines[1]

@@ -167,19 +167,35 @@ class AnimeVQCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        run_dir = Path(self.config["fit"]["run_dir"])
-        lines = [f"animevq: run folder {run_dir.resolve()}"]
-        last = run_dir / "checkpoints" / "last.ckpt"
+        run_dir = Path(self.config["fit"]["run_dir"]).absolute()  # every path printed absolute
+        lines = [f"animevq: run folder {run_dir}"]
+        last = run_dir / "checkpoints" / LAST_NAME
         if last.exists():
             lines.append(f"  last checkpoint: {last}")
         for ckpt in self.trainer.checkpoint_callbacks:
-            if ckpt.monitor and ckpt.best_model_path:
-                lines.append(f"  best checkpoint: {ckpt.best_model_path} ({ckpt.monitor} {float(ckpt.best_model_score):.4f})")
+            if isinstance(ckpt, ModelCheckpoint) and ckpt.monitor:
+                best = _best_checkpoint(ckpt)
+                if best is not None:
+                    lines.append(f"  best checkpoint: {best}")
         swanlog = run_dir / "swanlog"
         if swanlog.exists():
-            lines.append(f"  SwanLab logs:    {swanlog.resolve()}")
+            lines.append(f"  SwanLab logs:    {swanlog}")
             lines.append(f"  dashboard:       swanlab watch {swanlog}   (then open the printed http://127.0.0.1 address)")
         print("\n".join(lines), flush=True)
+
+
+def _best_checkpoint(ckpt: ModelCheckpoint) -> str | None:
+    """``PATH (monitor score)`` of the best checkpoint on disk. After a resume, ModelCheckpoint's
+    record can name a file that a later best (written after last.ckpt, before a kill) replaced:
+    then the newest checkpoint of its folder other than last and previous, whose score is unknown."""
+    recorded = Path(ckpt.best_model_path) if ckpt.best_model_path else None
+    if recorded is not None and recorded.is_file():
+        return f"{recorded.absolute()} ({ckpt.monitor} {float(ckpt.best_model_score):.4f})"
+    folder = Path(ckpt.dirpath) if ckpt.dirpath else None
+    found = [p for p in folder.glob("*.ckpt") if p.name not in (LAST_NAME, PREVIOUS_NAME)] if folder else []
+    if not found:
+        return None
+    return f"{max(found, key=lambda p: p.stat().st_mtime).absolute()} ({ckpt.monitor} not recorded)"
 
 
 def _check_before_building(subcommand: str | None, config: Any, run_dir: Path) -> None:
