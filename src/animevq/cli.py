@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .config import MOVED_IN_0_2, ModelConfig
@@ -34,7 +35,7 @@ from .nn.config import plain
 from .nn.tokenizer import Tokenizer
 from .runs.checkpoint_io import CheckpointError, safe_torch_load, tokenizer_state, verify_checkpoint
 from .runs.last import LAST_NAME, PREVIOUS_NAME, LastCheckpoint
-from .runs.lock import RunFolderLock
+from .runs.lock import RunFolderBusy, RunFolderLock
 from .runs.resume import ExactResume
 from .runs.sigterm import EXIT_SIGTERM, HostSigtermCheck
 from .runs.writer import AtomicCheckpointIO
@@ -248,6 +249,8 @@ def _trainer_defaults() -> dict[str, Any]:
     }
 
 
+# Mistakes of input or environment, told by their message alone; any other error also by its type.
+_USER_ERRORS = (ValueError, OSError, RunFolderBusy, MisconfigurationException)
 VERBOSE_ENV = "ANIMEVQ_VERBOSE"  # set (to anything but 0) for tracebacks instead of one-line errors
 
 
@@ -285,6 +288,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         command = next((arg for arg in argv if not arg.startswith("-")), "animevq")
         message = " ".join(str(error).split()) or type(error).__name__
+        from .nn.lpips import VGGWeightsMissing  # torchvision: imported only when there is an error
+
+        if not isinstance(error, (*_USER_ERRORS, VGGWeightsMissing)):  # a failure of ours or a library's: say which
+            message = f"{type(error).__name__}: {message}"
         print(f"animevq {command}: error: {message} (add --verbose for the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
 
