@@ -4,6 +4,8 @@
 same nearest-code rule as :meth:`animevq.nn.Tokenizer.encode`; ``decoder.onnx`` maps ``codes``
 (B,h·w) int64 in [0,K) back to ``images`` (B,3,S,S) float32, as :meth:`Tokenizer.decode`. The
 batch size B is dynamic, the side S is fixed at export time (``--image_size``), h = w = S/f.
+A graph reads no values back to check them: a code ≥ K fails in the runtime's Gather, and
+a negative code counts from the end of the codebook there (torch's decode refuses both).
 
 Both graphs come from PyTorch's ``torch.export``-based exporter (``torch.onnx.export(...,
 dynamo=True)``), which needs ``onnx`` and ``onnxscript``: ``pip install "animevq[onnx]"``.
@@ -69,12 +71,12 @@ def require_onnx() -> None:
     """Raise a one-line ValueError unless the exporter's dependencies import."""
     missing = [name for name in _NEEDS if importlib.util.find_spec(name) is None]
     if missing:
-        raise ValueError(f"--onnx needs {' and '.join(missing)}, which are not installed; "
+        raise ValueError(f"--onnx needs {' and '.join(_NEEDS)} (not installed: {', '.join(missing)}); "
                          'pip install "animevq[onnx]"')
 
 
-def _graph(module: nn.Module, example: torch.Tensor, name: str, output: str) -> bytes:
-    """The serialised ONNX model of ``module`` with input ``name`` of dynamic batch size."""
+def _graph(module: nn.Module, example: torch.Tensor, name: str, output: str, *, file: str) -> bytes:
+    """The serialised ONNX model of ``module`` (for ``file``) with input ``name`` of dynamic batch size."""
     import onnx
 
     batch = torch.export.Dim("batch")
@@ -82,7 +84,7 @@ def _graph(module: nn.Module, example: torch.Tensor, name: str, output: str) -> 
         program = torch.onnx.export(module.eval(), (example,), dynamo=True, opset_version=OPSET, verbose=False,
                                     input_names=[name], output_names=[output], dynamic_shapes={name: {0: batch}})
     except torch.onnx.OnnxExporterError as error:
-        raise OnnxExportFailed(f"torch {torch.__version__} could not export the {output} graph to ONNX") from error
+        raise OnnxExportFailed(f"torch {torch.__version__} could not export {file}") from error
     onnx.checker.check_model(program.model_proto)  # a malformed graph fails here, not in a user's runtime
     return program.model_proto.SerializeToString()
 
@@ -100,8 +102,8 @@ def export_onnx(tokenizer: Tokenizer, directory: str | Path, *, image_size: int)
     tokenizer = tokenizer.to("cpu").eval()
     images = torch.zeros(_EXAMPLE_BATCH, tokenizer.config.in_channels, image_size, image_size)  # (B,3,S,S)
     codes = torch.zeros(_EXAMPLE_BATCH, side * side, dtype=torch.long)  # (B,h·w)
-    encoder = _graph(_Encode(tokenizer), images, "images", "codes")
-    decoder = _graph(_Decode(tokenizer), codes, "codes", "images")
+    encoder = _graph(_Encode(tokenizer), images, "images", "codes", file=ENCODER_NAME)
+    decoder = _graph(_Decode(tokenizer), codes, "codes", "images", file=DECODER_NAME)
     out = Path(directory)
     files = OnnxFiles(out / ENCODER_NAME, out / DECODER_NAME)
     write_whole(files.encoder, encoder)
