@@ -29,7 +29,7 @@ from .quantizers import Quantizer, QuantizerOutput, build_quantizer
 from .weights import CheckpointError, check_state_dict, state_sha256
 
 __all__ = ["CONFIG_NAME", "EXPORT_FORMAT", "WEIGHTS_NAME", "Pretrained", "Tokenizer", "TokenizerOutput",
-           "read_pretrained"]
+           "read_pretrained", "write_whole"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -141,8 +141,8 @@ class Tokenizer(nn.Module):
         # Serialised here and written by Python: a failed write (a full disk) is an OSError naming
         # the file, and each file is whole or absent (safetensors' own writer raises its own error).
         weights = safetensors_bytes(state, metadata={"format": "pt", "animevq": _FORMAT_TAG})
-        _write_whole(out / WEIGHTS_NAME, weights)
-        _write_whole(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        write_whole(out / WEIGHTS_NAME, weights)
+        write_whole(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         return out
 
     @classmethod
@@ -206,7 +206,7 @@ def read_pretrained(directory: str | Path) -> Pretrained:
     return Pretrained(config, state, data, version, weights_path)
 
 
-def _write_whole(path: Path, data: bytes) -> None:
+def write_whole(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file beside it (whole or not at all).
 
     Raises:

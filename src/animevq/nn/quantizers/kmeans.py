@@ -40,6 +40,8 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk_elements: int = 
     with torch.autocast(device_type=z.device.type, enabled=False), _full_float32():
         z, e = z.float(), codebook.float()
         e_sq = (e * e).sum(dim=1)  # (K,)
+        if torch.compiler.is_exporting():  # one graph for any batch size (ONNX): no chunks
+            return torch.addmm(e_sq.unsqueeze(0), z, e.t(), beta=1.0, alpha=-2.0).argmin(dim=1)  # (N,K) → (N,)
         rows = max(1, chunk_elements // max(1, e.shape[0]))
         out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
         for start in range(0, z.shape[0], rows):
