@@ -157,6 +157,8 @@ def full_disk(args: argparse.Namespace) -> dict:
         error = [line for line in first.stderr.splitlines() if "could not write checkpoint" in line]
         left = {p.name: p.stat().st_size for p in sorted(disk.iterdir())}
         state = _check_folder(disk)
+        if not (disk / LAST_NAME).is_file():
+            return {"first_exit": first.returncode, "stderr": first.stderr[-3000:], "left_on_disk": left}
         batches = torch.load(disk / LAST_NAME, weights_only=True)["animevq"]["batches_seen"]
         subprocess.run(["mount", "-o", f"remount,size={4 * size}", str(disk)], check=True)
         second = subprocess.run(command, capture_output=True, text=True, env=env)

@@ -46,6 +46,9 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (or, under DDP, another rank's write failed); the
     message names the file, and the file on disk is the one from before, whole."""
 
+    def __str__(self) -> str:
+        return self.strerror if self.errno is not None and self.strerror else super().__str__()
+
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
@@ -110,8 +113,8 @@ def write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
 
 def write_error(path: Path, error: OSError) -> CheckpointWriteError:
     """The one-line error for a failed write of ``path`` (``error`` itself if it already is one)."""
-    while isinstance(error, CheckpointWriteError) and isinstance(error.__cause__, OSError):
-        error = error.__cause__  # the OS's own error, to be told of ``path`` (a temporary's rename target)
+    while isinstance(error, CheckpointWriteError) and os_error(error.__cause__) is not None:
+        error = os_error(error.__cause__)  # the OS's own error, told of ``path`` (what the temporary became)
     if isinstance(error, CheckpointWriteError):
         return error
     reason = error.strerror or str(error) or type(error).__name__
