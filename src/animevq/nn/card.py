@@ -53,7 +53,8 @@ def model_card(config: TokenizerConfig, *, weights_sha256: str, data_dir: str | 
     Args:
         weights_sha256: :meth:`Tokenizer.weights_sha256`, so the card names the weights it describes.
         data_dir: the training data folder as the run recorded it.
-        num_images: images the run trained and validated on; ``num_train_images`` of them in training.
+        num_images: image files the run listed for training and validation (files that fail to
+            decode are skipped later); ``num_train_images`` of them in training.
         image_size: side S of the square training crops.
         metrics: an ``animevq evaluate`` report.json of these weights.
     """
@@ -68,7 +69,7 @@ def model_card(config: TokenizerConfig, *, weights_sha256: str, data_dir: str | 
         "# animevq image tokenizer\n",
         "Turns (B,3,H,W) images in [-1,1] into grids of code indices and back. Trained with animevq.\n",
         "## Training data\n",
-        _table([("data folder", f"`{data_dir}`" if data_dir else None), ("images", count),
+        _table([("data folder", f"`{data_dir}`" if data_dir else None), ("image files", count),
                 ("resolution", f"{image_size}×{image_size}" if image_size else None)]) + "\n",
         "## Codebook\n",
         _table([("quantizer", q.family), ("codebook size K", q.num_embeddings), ("code dimension D", q.embedding_dim),

@@ -65,7 +65,7 @@ class Pretrained(NamedTuple):
     weights_path: Path
 
 
-class Tokenizer(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=TAGS):
+class Tokenizer(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=list(TAGS)):  # a copy: the mixin appends
     """The image tokenizer: ``encode`` images to codes, ``decode`` codes to images.
 
     Built from a :class:`TokenizerConfig` (the seed's architecture by default). ``forward``
