@@ -1,6 +1,6 @@
 """The layout's promises (docs/architecture.md): what may import what, no import cycles
-(imports inside functions count), no file over 400 lines, animevq.nn free of Lightning, and
-each model default written once."""
+(imports inside functions count), no file over 400 lines, animevq.nn free of Lightning and
+SwanLab, and each model default written once."""
 
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ LAYERS = {
     "cli": {"nn", "config", "runs", "data", "tracking", "train", "tools"},
 }
 # What animevq.nn may import besides itself: the standard library, torch, torchvision (LPIPS's
-# VGG16 architecture) and safetensors (the Tokenizer's weight files).
-NN_THIRD_PARTY = {"torch", "torchvision", "safetensors"}
+# VGG16 architecture), safetensors (the Tokenizer's weight files) and huggingface_hub (the
+# Tokenizer is a ModelHubMixin: from_pretrained of a repo id, push_to_hub, the model card's
+# front matter; it brings no training framework and opens no connection on import).
+NN_THIRD_PARTY = {"torch", "torchvision", "safetensors", "huggingface_hub"}
 
 
 def _modules() -> dict[str, Path]:

@@ -244,6 +244,15 @@ class AnimeDataModule(LightningDataModule):
             report = SkipReport(tuple(sorted((item.path, item.reason) for item in folder.skipped)))
             _warn_once(report.message(when="while preparing data_dir"))
 
+    def state_dict(self) -> dict[str, int]:
+        """What checkpoints record of the data once set up (an export's model card shows it):
+        the images trained and validated on. Nothing is restored from it: a resumed run lists
+        the folder again."""
+        if self.train_dataset is None or self.val_dataset is None:
+            return {}
+        return {"num_images": len(self.train_dataset) + len(self.val_dataset),
+                "num_train_images": len(self.train_dataset)}
+
     @property
     def files(self) -> list[str]:
         """All usable-looking image paths relative to data_dir, sorted (after setup)."""

@@ -3,7 +3,9 @@
 encoder → quant_conv → quantizer → post_quant_conv → decoder; no losses, no optimiser, no
 Lightning. It saves itself as ``model.safetensors`` (raw tensors, so loading can never run
 code) and ``config.json`` (its :class:`~animevq.nn.config.TokenizerConfig`), and loads those
-back, including the exports of animevq 0.1.
+back, including the exports of animevq 0.1. It follows huggingface_hub's ``ModelHubMixin``:
+``from_pretrained`` takes a local folder or a Hub repo id, ``push_to_hub`` publishes an export,
+and ``save_pretrained`` writes a model card (``README.md``) beside the two files.
 
 Shapes: images (B,C,H,W) in [-1,1]; latents (B,D,h,w) with h = H/f, w = W/f, f the
 downsampling factor (16 for four stages); indices (B,h,w), or flattened (B,h·w), in [0,K).
@@ -18,21 +20,25 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
+from huggingface_hub.utils import EntryNotFoundError, validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .autoencoder import Decoder, Encoder
+from .card import LIBRARY_NAME, TAGS, model_card
 from .config import TokenizerConfig
 from .quantizers import Quantizer, QuantizerOutput, build_quantizer
 from .weights import CheckpointError, check_state_dict, state_sha256
 
 __all__ = ["CONFIG_NAME", "EXPORT_FORMAT", "WEIGHTS_NAME", "Pretrained", "Tokenizer", "TokenizerOutput",
-           "read_pretrained", "write_whole"]
+           "read_pretrained", "resolve_pretrained", "write_whole"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"  # the model card, where the Hub looks for it
 EXPORT_FORMAT = 2  # config.json "_format_version"; 0.1's exports have none (format 1)
 _FORMAT_TAG = f"animevq.tokenizer/{EXPORT_FORMAT}"  # in the safetensors metadata
 
@@ -59,11 +65,17 @@ class Pretrained(NamedTuple):
     weights_path: Path
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=list(TAGS)):  # a copy: the mixin appends
     """The image tokenizer: ``encode`` images to codes, ``decode`` codes to images.
 
     Built from a :class:`TokenizerConfig` (the seed's architecture by default). ``forward``
     is the training forward: in training mode the quantizer may update its codebook.
+
+    ``save_pretrained`` and ``from_pretrained`` keep the mixin's signatures but not its
+    bodies: its ``from_pretrained`` parses config.json before any check of ours and its
+    ``save_pretrained`` writes files in place; here every file is written whole or not at all
+    and config.json is read only by :func:`read_pretrained`. ``push_to_hub(repo_id)`` is the
+    mixin's: it saves into a temporary folder and uploads that.
     """
 
     def __init__(self, config: TokenizerConfig | None = None) -> None:
@@ -128,27 +140,71 @@ class Tokenizer(nn.Module):
         return state_sha256(self.state_dict())
 
     # ---------------------------------------------------------------- files
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``directory/model.safetensors`` and ``directory/config.json``; returns the folder."""
-        out = Path(directory)
+    def save_pretrained(self, save_directory: str | Path, *, config: None = None,
+                        model_card_kwargs: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and the model card ``README.md`` (from
+        ``model_card_kwargs``: see :func:`animevq.nn.card.model_card`) into ``save_directory``;
+        returns the folder. ``config`` exists for the mixin's ``push_to_hub``, which passes
+        None: config.json is always this tokenizer's own config."""
+        if config is not None:
+            raise ValueError("config.json holds the tokenizer's own config; build a Tokenizer from the config you want")
+        out = Path(save_directory)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ValueError(f"cannot create export folder {out}: {error}; choose a writable folder") from error
+        self._save_pretrained(out)
+        card = self.generate_model_card(**(model_card_kwargs or {}))
+        write_whole(out / CARD_NAME, str(card).encode())  # replaced: a card describes the weights beside it
+        return out
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's hook: the weights and the versioned config."""
         # clone: safetensors refuses tensors that share storage
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
         config = {"_class_name": type(self).__name__, "_format_version": EXPORT_FORMAT, **self.config.to_dict()}
         # Serialised here and written by Python: a failed write (a full disk) is an OSError naming
         # the file, and each file is whole or absent (safetensors' own writer raises its own error).
         weights = safetensors_bytes(state, metadata={"format": "pt", "animevq": _FORMAT_TAG})
-        write_whole(out / WEIGHTS_NAME, weights)
-        write_whole(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-        return out
+        write_whole(save_directory / WEIGHTS_NAME, weights)
+        write_whole(save_directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+    def generate_model_card(self, **facts: Any) -> ModelCard:
+        """The mixin's hook: the card of these weights; ``facts`` are :func:`model_card`'s keywords."""
+        return ModelCard(model_card(self.config, weights_sha256=self.weights_sha256(), **facts))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, map_location: str | torch.device = "cpu") -> Tokenizer:
-        """Load what :meth:`save_pretrained` (or animevq 0.1's ``export``) wrote, in eval mode."""
-        pretrained = read_pretrained(directory)
+    def from_pretrained(  # type: ignore[override]  # the mixin's signature plus map_location
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> Tokenizer:
+        """Load what :meth:`save_pretrained` (or animevq 0.1's ``export``) wrote, in eval mode.
+
+        ``pretrained_model_name_or_path`` is a local folder (read with no network call) or a
+        Hub repo id such as ``"user/anime-vq"``, whose config.json and model.safetensors
+        huggingface_hub downloads into its cache (``revision``, ``cache_dir``,
+        ``force_download``, ``token`` and ``local_files_only`` are its arguments; with
+        ``HF_HUB_OFFLINE=1`` only the cache is read). Either way the files pass the same checks.
+        """
+        return cls._from_pretrained(model_id=pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                    force_download=force_download, local_files_only=local_files_only, token=token,
+                                    map_location=map_location)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str | Path, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         map_location: str | torch.device = "cpu") -> Tokenizer:
+        """The mixin's hook: find the folder, read and check it, build the tokenizer."""
+        folder = resolve_pretrained(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token)
+        pretrained = read_pretrained(folder)
         return cls.from_state(pretrained.config, pretrained.state, source=str(pretrained.weights_path)).to(map_location)
 
     @classmethod
@@ -171,6 +227,32 @@ class Tokenizer(nn.Module):
             shapes = cls(config)
         check_state_dict(shapes, state, source=source)
         return shapes
+
+
+def resolve_pretrained(name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
+                       force_download: bool = False, local_files_only: bool = False,
+                       token: str | bool | None = None) -> Path:
+    """The folder holding an export: ``name_or_path`` itself when it is a folder, else the
+    snapshot of the Hub repo of that id in huggingface_hub's cache (downloaded when needed and
+    allowed; only config.json and model.safetensors). A ``Path`` or a string that cannot be a
+    repo id is a local folder that does not exist."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        return folder
+    try:
+        if isinstance(name_or_path, Path):
+            raise ValueError("a Path is a local folder")
+        validate_repo_id(name_or_path)
+    except ValueError:
+        raise CheckpointError(f"exported model folder {folder} does not exist; create it with `animevq export`") from None
+    try:
+        return Path(snapshot_download(repo_id=name_or_path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], revision=revision,
+                                      cache_dir=cache_dir, force_download=force_download,
+                                      local_files_only=local_files_only, token=token))
+    except (OSError, ValueError, EntryNotFoundError) as error:  # HTTP, offline, not in the cache
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{name_or_path} is not a local folder, and the Hugging Face Hub repo of that id could "
+                              f"not be fetched ({reason}); check the path or the repo id and revision") from error
 
 
 def read_pretrained(directory: str | Path) -> Pretrained:

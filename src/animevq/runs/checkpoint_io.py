@@ -29,7 +29,9 @@ __all__ = [
     "atomic_replace",
     "fsync_dir",
     "load_tokenizer",
+    "checkpoint_tokenizer",
     "migrate_state_dict",
+    "read_checkpoint",
     "os_error",
     "safe_torch_load",
     "tokenizer_state",
@@ -208,6 +210,16 @@ def load_tokenizer(path: str | Path, *, map_location: str | torch.device = "cpu"
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors":
         return Tokenizer.from_pretrained(path if path.is_dir() else path.parent, map_location=map_location)
+    return checkpoint_tokenizer(read_checkpoint(path), source=path).to(map_location)
+
+
+def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
+    """A Lightning checkpoint, loaded safely, checked whole and holding a ``state_dict``.
+
+    Raises:
+        CheckpointError: the path is missing, not a checkpoint, unsafe or corrupt.
+    """
+    path = Path(path)
     checkpoint = safe_torch_load(path)
     damage = _damage(path) if zipfile.is_zipfile(path) else None  # every member's CRC: a flipped byte
     if damage is not None:
@@ -217,14 +229,19 @@ def load_tokenizer(path: str | Path, *, map_location: str | torch.device = "cpu"
             f"{path} is a torch file but not a Lightning checkpoint (no 'state_dict'); "
             "pass a .ckpt written by `animevq fit` or an exported folder"
         )
+    return checkpoint
+
+
+def checkpoint_tokenizer(checkpoint: Mapping[str, Any], *, source: str | Path) -> Tokenizer:
+    """The tokenizer (eval mode, CPU) of a checkpoint :func:`read_checkpoint` read from ``source``."""
     hparams = checkpoint.get("hyper_parameters")
     if not isinstance(hparams, Mapping):
         raise CheckpointError(
-            f"{path} has no 'hyper_parameters', so the model cannot be rebuilt; "
+            f"{source} has no 'hyper_parameters', so the model cannot be rebuilt; "
             "it was not saved from VQVAEModel (which calls save_hyperparameters)"
         )
     try:
         config = TokenizerConfig.from_hparams(hparams)
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"the hyperparameters in {path} do not build a tokenizer: {error}") from error
-    return Tokenizer.from_state(config, tokenizer_state(checkpoint["state_dict"]), source=str(path)).to(map_location)
+        raise CheckpointError(f"the hyperparameters in {source} do not build a tokenizer: {error}") from error
+    return Tokenizer.from_state(config, tokenizer_state(checkpoint["state_dict"]), source=str(source))

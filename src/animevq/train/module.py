@@ -10,6 +10,7 @@ Shapes: images (B,C,H,W) in [-1,1]; code indices (B,h,w) or flattened (B,h·w); 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,15 +29,16 @@ from ..config import (
 )
 from ..nn.config import VQOptions
 from ..nn.quantizers import code_stats
-from ..nn.tokenizer import Tokenizer, read_pretrained
+from ..nn.tokenizer import Tokenizer
 from ..nn.weights import check_state_dict
-from ..runs.checkpoint_io import CheckpointError, migrate_state_dict, tokenizer_state
+from ..runs.checkpoint_io import migrate_state_dict, tokenizer_state
 from ..runs.last import LastCheckpoint
 from .gan import GanStep
 from .guard import NonFiniteGuard
 from .monitor import CodeUsage, TrainingMonitor, log_grid, log_usage_histogram, report
 from .objective import Objective, VQVAEOutput
 from .optim import adam_options, apply_adam_options, make_scheduler
+from .pretrained import read_pretrained_model
 from .resumed import check_resumed_settings
 from .speed import speed_up
 
@@ -155,25 +157,21 @@ class VQVAEModel(pl.LightningModule):
         return self.tokenizer.decode(indices)
 
     @classmethod
-    def from_pretrained(cls, directory: str, **overrides: Any) -> VQVAEModel:
-        """A model (eval mode) holding the weights of an export (``animevq export``, or
-        ``Tokenizer.save_pretrained``). ``overrides`` set constructor arguments (seed parameters,
-        or groups as mappings); LPIPS is off unless ``use_lpips=True`` is passed. A 0.1 export
-        also brings its training settings; a VQ-GAN's discriminator starts fresh (exports hold none)."""
-        pretrained = read_pretrained(directory)
-        saved = pretrained.metadata if pretrained.version == 1 else {}
-        config = ModelConfig.from_hparams({**saved, "use_lpips": False})
-        hparams = config.replace_tokenizer(pretrained.config).to_hparams()
-        for key, value in overrides.items():
-            hparams[key] = {**hparams[key], **value} if isinstance(hparams.get(key), dict) else value
-        try:
-            config = ModelConfig.from_hparams(hparams)
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"the config in {directory} does not build a VQVAEModel: {error}") from error
-        Tokenizer.check_state(config.tokenizer, pretrained.state, source=str(pretrained.weights_path))
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, force_download: bool = False,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, revision: str | None = None,
+                        map_location: str | torch.device = "cpu", **overrides: Any) -> VQVAEModel:
+        """A model (eval mode) holding the weights of an export, a local folder or a Hub repo id
+        (the arguments of :meth:`Tokenizer.from_pretrained <animevq.nn.Tokenizer.from_pretrained>`).
+        ``overrides`` set constructor arguments (seed parameters, or groups as mappings); LPIPS is
+        off unless ``use_lpips=True`` is passed. A 0.1 export also brings its training settings;
+        a VQ-GAN's discriminator starts fresh (exports hold none)."""
+        hparams, tokenizer = read_pretrained_model(
+            pretrained_model_name_or_path, overrides, revision=revision, cache_dir=cache_dir,
+            force_download=force_download, local_files_only=local_files_only, token=token)
         model = cls(**hparams)
-        model.tokenizer.load_state_dict(pretrained.state)
-        return model.eval()
+        model.tokenizer.load_state_dict(tokenizer.state_dict())
+        return model.eval().to(map_location)
 
     # ------------------------------------------------------------------ speed
     def setup(self, stage: str) -> None:
