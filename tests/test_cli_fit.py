@@ -156,3 +156,26 @@ def test_seed_quick_start_snippet_runs(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     assert "batches 3" in result.stdout
     assert read_swanlog(tmp_path / "swanlog")["vqvae-baseline"]["train/total_loss"]
+
+
+@pytest.mark.slow
+def test_swanlab_log_dir_from_the_environment_is_honoured(tmp_path: Path) -> None:
+    config = dict(TINY_CONFIG, run_dir=str(tmp_path / "run"))
+    config["trainer"] = dict(config["trainer"], max_epochs=1)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    elsewhere = tmp_path / "elsewhere"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SWANLAB_LOG_DIR=str(elsewhere))
+    result = subprocess.run([sys.executable, "-m", "animevq.cli", "fit", "--config", str(tmp_path / "tiny.yaml"),
+                             "--data.data_dir", str(make_images(tmp_path / "images", n=8))], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train/total_loss" in read_swanlog(elsewhere)["tiny"]  # was: <run_dir>/swanlog whatever the variable said
+    assert not (tmp_path / "run" / "swanlog").exists()
+    assert f"SwanLab logs:    {elsewhere}" in result.stdout
+
+
+@pytest.mark.slow
+def test_fit_prints_none_of_lightnings_known_noise(fitted) -> None:
+    output = fitted["first"].stdout + fitted["first"].stderr
+    for noise in ("litlogger", "LeafSpec", "You have overridden `on_after_batch_transfer`"):
+        assert noise not in output, noise

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,8 @@ class AnimeVQCLI(LightningCLI):
         if logger is not None and not isinstance(logger, bool) and str(logger.get("class_path", "")).endswith("SwanLabLogger"):
             init = logger["init_args"]
             # SwanLab's files, Lightning's config.yaml and the CSV fallback all live in the run folder.
-            if not init.get("log_dir") and not init.get("logdir"):
-                init["log_dir"] = str(run_dir / "swanlog")
+            if not init.get("log_dir") and not init.get("logdir"):  # SwanLab's own variable, else the run folder
+                init["log_dir"] = os.environ.get("SWANLAB_LOG_DIR") or str(run_dir / "swanlog")
             if not init.get("save_dir"):
                 init["save_dir"] = str(run_dir)
             if not init.get("fallback_dir"):
@@ -178,7 +179,7 @@ class AnimeVQCLI(LightningCLI):
                 best = _best_checkpoint(ckpt)
                 if best is not None:
                     lines.append(f"  best checkpoint: {best}")
-        swanlog = run_dir / "swanlog"
+        swanlog = Path(getattr(self.trainer.logger, "swanlab_log_dir", run_dir / "swanlog")).absolute()
         if swanlog.exists():
             lines.append(f"  SwanLab logs:    {swanlog}")
             lines.append(f"  dashboard:       swanlab watch {swanlog}   (then open the printed http://127.0.0.1 address)")
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_noise()
     verbose = "--verbose" in argv or os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
     argv = [arg for arg in argv if arg != "--verbose"]
     if from_command_line:
@@ -294,6 +296,19 @@ def main(argv: list[str] | None = None) -> None:
             message = f"{type(error).__name__}: {message}"
         print(f"animevq {command}: error: {message} (add --verbose for the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+# Lightning's notices that say nothing to an animevq user: an advertisement, a deprecation inside
+# Lightning itself, and a notice about a hook that animevq overrides on purpose.
+_NOISE = (r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+          r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`")
+
+
+def _quiet_known_noise() -> None:
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
 def _moved_options(argv: list[str]) -> list[str]:

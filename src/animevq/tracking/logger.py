@@ -141,6 +141,11 @@ class SwanLabLogger(_SwanLabLoggerBase):
     # --- identity used by Lightning for checkpoint paths -------------------------------------
 
     @property
+    def swanlab_log_dir(self) -> Path:
+        """Where SwanLab writes this run (``swanlab watch`` this folder)."""
+        return self._swan_log_dir
+
+    @property
     def name(self) -> str:
         return str(self._init_kwargs.get("project", DEFAULT_PROJECT))
 
