@@ -230,6 +230,25 @@ def test_missing_and_empty_folders_name_the_path(tmp_path: Path) -> None:
         AnimeDataModule(str(a_file)).setup()
 
 
+def test_a_folder_where_nothing_decodes_is_counted_whole(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"page{i}.png").write_text("<html>not an image</html>")
+    dm = AnimeDataModule(str(tmp_path), image_size=S, val_split=0.2, batch_size=1, num_workers=0)
+    dm.setup("fit")
+    assert len(dm.val_dataset) == 1
+    # The sanity check reads the validation split first. Was: "none of the 1 image files".
+    with pytest.raises(RuntimeError, match=r"none of the 5 image files under .* could be decoded \(5 not_an_image\); "
+                                           r".*--data\.data_dir"):
+        dm.val_dataset[0]
+    in_training = dm.train_dataset.paths[int(dm.train_dataset.file_ids[0])]
+    _solid(tmp_path / in_training, (S, S), (10, 20, 30))  # one good file, in the training split
+    dm = AnimeDataModule(str(tmp_path), image_size=S, val_split=0.2, batch_size=1, num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match=r"none of the 1 image files of the validation split .* though 1 of "
+                                           r"the folder's 5 can .*--data\.val_split"):
+        dm.val_dataset[0]
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"batch_size": 0}, {"val_split": 1.0}, {"val_split": -0.1}, {"num_workers": -1}]
 )

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 _UNTRIED, _LOADED = 0, 1
 # Random substitutes tried for a bad file before a linear scan; a scan always terminates.
 _RANDOM_SUBSTITUTES = 8
+# Files tried, beyond the split's, to count what is wrong with a folder where nothing decodes.
+_FOLDER_CHECK = 10_000
 
 
 class SampleKey(NamedTuple):
@@ -234,13 +236,7 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
             if image is not None:
                 break
         if image is None:
-            codes = self.ledger.status[torch.from_numpy(self.file_ids)].tolist()
-            reasons = Counter(SkipReason(code).label for code in codes if code > _LOADED)
-            raise RuntimeError(
-                f"none of the {len(self)} image files under {shown(self.root)} could be decoded "
-                f"({', '.join(f'{n} {label}' for label, n in reasons.most_common())}); "
-                "fix or remove them, or point data_dir at another folder"
-            )
+            raise self._nothing_decodes()
         if not self.train:
             return to_tensor(crop_resize(image, self.image_size, offset=0.5))  # (3,S,S)
         rng = random.Random(_seed_of("augment", self.seed, epoch, index))
@@ -249,6 +245,31 @@ class ImageFolderDataset(Dataset[torch.Tensor]):
         if self.random_flip and flip:  # in Pillow: cheaper than a torch op in a busy process
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(crop)  # (3,S,S)
+
+    def _nothing_decodes(self) -> RuntimeError:
+        """The error for a split of which no file decodes, counted over the whole folder: the
+        other split's untried files are tried too (up to ``_FOLDER_CHECK`` of them)."""
+        untried = [i for i in range(len(self.paths)) if int(self.ledger.status[i]) == _UNTRIED][:_FOLDER_CHECK]
+        for file_id in untried:
+            try:
+                load_image(self.root / self.paths[file_id], max_pixels=self.max_pixels, max_bytes=self.max_bytes,
+                           min_side=self.min_side, target_size=self.image_size)
+                self.ledger.status[file_id] = _LOADED
+            except ImageSkipped as skip:
+                self.ledger.status[file_id] = int(skip.reason)
+        codes = self.ledger.status.tolist()
+        checked = sum(code != _UNTRIED for code in codes)
+        usable = codes.count(_LOADED)
+        reasons = Counter(SkipReason(code).label for code in codes if code > _LOADED)
+        listing = ", ".join(f"{n} {label}" for label, n in reasons.most_common())
+        of = f"{len(codes)}" if checked == len(codes) else f"{checked} checked of the {len(codes)}"
+        if usable == 0:
+            return RuntimeError(f"none of the {of} image files under {shown(self.root)} could be decoded ({listing}); "
+                                "fix or remove them, or point --data.data_dir at another folder")
+        split = "training" if self.train else "validation"
+        return RuntimeError(f"none of the {len(self)} image files of the {split} split under {shown(self.root)} could "
+                            f"be decoded, though {usable} of the folder's {of} can ({listing}); fix or remove the bad "
+                            "ones, or change --data.val_split")
 
     def _try_load(self, position: int) -> Image.Image | None:
         file_id = int(self.file_ids[position])
