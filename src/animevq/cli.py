@@ -40,7 +40,7 @@ from .runs.lock import RunFolderBusy, RunFolderLock
 from .runs.resume import ExactResume
 from .runs.sigterm import EXIT_SIGTERM, HostSigtermCheck
 from .runs.writer import AtomicCheckpointIO
-from .tools import TOOLS
+from .tools import LIGHTNING_COMMANDS, TOOLS
 from .train.module import VQVAEModel
 
 __all__ = ["AnimeVQCLI", "main"]
@@ -52,6 +52,12 @@ DEFAULT_RUN_DIR = "runs/animevq"
 
 class AnimeVQCLI(LightningCLI):
     """LightningCLI with a run folder, checkpoints and SwanLab (local mode) by default."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit and validate: ``test`` and ``predict`` would need a test split and a prediction
+        step that a tokenizer has no use for (``animevq evaluate`` and ``encode``/``reconstruct`` do that)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -352,8 +358,8 @@ def _run_cli(argv: list[str] | None) -> None:
         args=argv,
         parser_kwargs={
             "description": "animevq: train and use VQ-VAE / VQ-GAN image tokenizers. "
-            "Lightning subcommands fit/validate/test take --config YAML; "
-            f"tools: {', '.join(sorted(TOOLS))} (each with --help).",
+            "fit and validate take --config YAML; "
+            f"tools: {', '.join(TOOLS)} (each with --help; `animevq --help` lists every command).",
         },
     )
 

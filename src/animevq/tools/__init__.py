@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
-__all__ = ["TOOLS"]
+__all__ = ["LIGHTNING_COMMANDS", "TOOLS"]
+
+LIGHTNING_COMMANDS: dict[str, str] = {  # the LightningCLI subcommands animevq keeps → what they do
+    "fit": "train a tokenizer (--config YAML; every --model.*, --data.* and --trainer.* setting; "
+           "--ckpt_path last resumes)",
+    "validate": "validation losses and code usage of a checkpoint (--config YAML --ckpt_path CKPT)",
+}
 
 TOOLS: dict[str, tuple[str, str]] = {  # command → (module, what it does)
     "prepare": ("animevq.tools.prepare", "decode a folder of images once into a fast-loading prepared folder"),

@@ -270,7 +270,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         "decode": "Decode a token folder written by `animevq encode` into PNGs named after the source files.",
         "reconstruct": "Encode and decode one image or a folder of images; writes PNGs named after the sources.",
     }
-    parser = argparse.ArgumentParser(prog=f"animevq {command}", description=descriptions[command])
+    parser = argparse.ArgumentParser(prog=f"animevq {command}", description=descriptions[command],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt or exported model folder")
     if command == "encode":
         parser.add_argument("--data_dir", required=True, help="folder of images (searched recursively)")

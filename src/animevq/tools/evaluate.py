@@ -242,6 +242,7 @@ def _write_outputs(out: Path, report: dict[str, Any], samples: list[tuple[torch.
 def main(argv: Sequence[str]) -> int:
     """``animevq evaluate --ckpt C --data_dir D [--out DIR] ...``; argv[0] is the command."""
     parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         prog="animevq evaluate",
         description="Reconstruct every image of a folder and report PSNR, SSIM, LPIPS, rFID, masked PSNR, "
         "code usage and perplexity (report.json, samples.png, code_usage.png).",

@@ -74,6 +74,7 @@ def read_metrics(path: str | Path, tokenizer: Tokenizer) -> dict[str, Any]:
 def main(argv: Sequence[str]) -> int:
     """``animevq export --ckpt C --out DIR [--metrics REPORT]``; argv[0] is the command."""
     parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         prog="animevq export",
         description="Export a trained checkpoint to model.safetensors + config.json "
         "(encoder, decoder, codebook; no LPIPS, discriminator or optimizer state) and a model card README.md.",

@@ -18,6 +18,7 @@ __all__ = ["main"]
 def main(argv: Sequence[str]) -> int:
     """``animevq prepare SRC DST [--size 256] [--workers N] [--shard_size_mb 1024]``."""
     parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         prog="animevq prepare",
         description="Decode a folder of images once into a fast-loading prepared folder "
         "(resized to the training size, validated, bad files reported) for data_dir.",
