@@ -24,6 +24,7 @@ LAYERS = {
     "train": {"nn", "config", "runs", "tracking"},
     "tools": {"nn", "runs", "data", "tracking"},
     "cli": {"nn", "config", "runs", "data", "tracking", "train", "tools"},
+    "command": {"tools", "cli"},  # the console script: cli (Lightning) only for fit and validate
 }
 # What animevq.nn may import besides itself: the standard library, torch, torchvision (LPIPS's
 # VGG16 architecture), safetensors (the Tokenizer's weight files) and huggingface_hub (the
