@@ -89,10 +89,13 @@ def test_evaluate_without_weights(ckpt: Path, images: Path, tmp_path: Path, monk
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no cached VGG16 / Inception
     argv = ["evaluate", "--ckpt", str(ckpt), "--data_dir", str(images), "--out", str(tmp_path / "e"),
             "--image_size", str(SIZE), "--num_workers", "0", "--quiet"]
-    assert evaluate.main(argv) == 1
-    err = capsys.readouterr().err
-    assert "--fid_weights PATH" in err and "--no_fid" in err
-    assert evaluate.main([*argv, "--no_fid"]) == 0
+    assert evaluate.main(argv) == 0  # was: status 1, no report
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["rfid"] is None and report["lpips"] is None and math.isfinite(report["psnr"])
     assert any("--lpips_vgg_weights" in note for note in report["notes"])
+    assert any(note.startswith("rFID skipped") and "--fid_weights PATH" in note for note in report["notes"])
+    assert evaluate.main([*argv, "--no_fid"]) == 0
+    assert "rFID skipped (--no_fid)" in json.loads((tmp_path / "e" / "report.json").read_text())["notes"]
+    assert evaluate.main([*argv, "--fid_weights", str(tmp_path / "missing.pth")]) == 1  # asked for: an error
+    err = capsys.readouterr().err
+    assert "missing.pth does not exist" in err and "--no_fid" in err

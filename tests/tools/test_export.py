@@ -32,3 +32,27 @@ def test_export_command_writes_the_tokenizer_only(model: VQVAEModel, ckpt: Path,
     err = capsys.readouterr().err
     assert err.startswith("animevq export: error: cannot create export folder") and "choose a writable folder" in err
     assert len(err.strip().splitlines()) == 1  # one line, no traceback
+
+
+def test_tools_default_to_the_training_image_size(model: VQVAEModel, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+    from tooling import save_ckpt
+
+    from animevq.tools import codes
+
+    ckpt = save_ckpt(model, tmp_path / "trained48.ckpt", datamodule_hyper_parameters={"image_size": 48})
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.new("RGB", (100, 80), (200, 30, 30)).save(images / "a.png")
+    out = tmp_path / "export"
+    assert export.main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["_image_size"] == 48  # recorded in the export
+    for source in (ckpt, out):
+        rec = tmp_path / f"rec-{source.name}"
+        assert codes.main(["reconstruct", "--ckpt", str(source), "--input", str(images), "--out", str(rec),
+                           "--num_workers", "0", "--quiet"]) == 0
+        assert Image.open(rec / "a.png").size == (48, 48)  # was: 256×256 whatever the training size
+    assert codes.main(["reconstruct", "--ckpt", str(out), "--input", str(images), "--out", str(tmp_path / "r32"),
+                       "--image_size", "32", "--num_workers", "0", "--quiet"]) == 0
+    assert Image.open(tmp_path / "r32" / "a.png").size == (32, 32)  # given: it wins

@@ -34,11 +34,12 @@ from .quantizers import Quantizer, QuantizerOutput, build_quantizer
 from .weights import CheckpointError, check_state_dict, state_sha256
 
 __all__ = ["CONFIG_NAME", "EXPORT_FORMAT", "WEIGHTS_NAME", "Pretrained", "Tokenizer", "TokenizerOutput",
-           "read_pretrained", "resolve_pretrained", "write_whole"]
+           "image_side", "read_pretrained", "resolve_pretrained", "write_whole"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"  # the model card, where the Hub looks for it
+MAX_IMAGE_SIDE = 1 << 16  # a recorded training size above this is not believed
 EXPORT_FORMAT = 2  # config.json "_format_version"; 0.1's exports have none (format 1)
 _FORMAT_TAG = f"animevq.tokenizer/{EXPORT_FORMAT}"  # in the safetensors metadata
 
@@ -80,6 +81,7 @@ class Tokenizer(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=list(T
 
     def __init__(self, config: TokenizerConfig | None = None) -> None:
         super().__init__()
+        self.training_image_size: int | None = None  # the side it was trained at, when known (exports record it)
         self.config = config = config if config is not None else TokenizerConfig()
         q, latent = config.quantizer, config.latent_channels
         # Built in this order, so that one seed gives the weights animevq 0.1 gave.
@@ -163,6 +165,8 @@ class Tokenizer(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=list(T
         # clone: safetensors refuses tensors that share storage
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
         config = {"_class_name": type(self).__name__, "_format_version": EXPORT_FORMAT, **self.config.to_dict()}
+        if self.training_image_size is not None:  # the tools' default image size when they load it
+            config["_image_size"] = self.training_image_size
         # Serialised here and written by Python: a failed write (a full disk) is an OSError naming
         # the file, and each file is whole or absent (safetensors' own writer raises its own error).
         weights = safetensors_bytes(state, metadata={"format": "pt", "animevq": _FORMAT_TAG})
@@ -205,7 +209,9 @@ class Tokenizer(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=list(T
         folder = resolve_pretrained(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
                                     local_files_only=local_files_only, token=token)
         pretrained = read_pretrained(folder)
-        return cls.from_state(pretrained.config, pretrained.state, source=str(pretrained.weights_path)).to(map_location)
+        tokenizer = cls.from_state(pretrained.config, pretrained.state, source=str(pretrained.weights_path))
+        tokenizer.training_image_size = image_side(pretrained.metadata.get("_image_size"))
+        return tokenizer.to(map_location)
 
     @classmethod
     def from_state(cls, config: TokenizerConfig, state: dict[str, torch.Tensor], *, source: str) -> Tokenizer:
@@ -227,6 +233,11 @@ class Tokenizer(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME, tags=list(T
             shapes = cls(config)
         check_state_dict(shapes, state, source=source)
         return shapes
+
+
+def image_side(value: Any) -> int | None:
+    """``value`` if it is a plausible image side in pixels (a file's record is untrusted), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_IMAGE_SIDE else None
 
 
 def resolve_pretrained(name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,

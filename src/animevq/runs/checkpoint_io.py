@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..nn.config import TokenizerConfig
-from ..nn.tokenizer import Tokenizer
+from ..nn.tokenizer import Tokenizer, image_side
 from ..nn.weights import CheckpointError
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "verify_checkpoint",
 ]
 
+DATAMODULE_HPARAMS = "datamodule_hyper_parameters"  # where Lightning saves a data module's arguments
 TOKENIZER_PREFIX = "tokenizer."  # VQVAEModel.tokenizer's keys in a checkpoint's state dict
 # animevq 0.1 kept the tokenizer's parts, the discriminator and LeCam's averages at the top
 # level of VQVAEModel; 0.2 composes them: old prefix → new prefix.
@@ -244,4 +245,7 @@ def checkpoint_tokenizer(checkpoint: Mapping[str, Any], *, source: str | Path) -
         config = TokenizerConfig.from_hparams(hparams)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"the hyperparameters in {source} do not build a tokenizer: {error}") from error
-    return Tokenizer.from_state(config, tokenizer_state(checkpoint["state_dict"]), source=str(source))
+    tokenizer = Tokenizer.from_state(config, tokenizer_state(checkpoint["state_dict"]), source=str(source))
+    data = checkpoint.get(DATAMODULE_HPARAMS)  # what Lightning saved of the data module: its image_size
+    tokenizer.training_image_size = image_side(data.get("image_size")) if isinstance(data, Mapping) else None
+    return tokenizer

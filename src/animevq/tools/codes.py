@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from ..nn.tokenizer import Tokenizer
 from ..runs.checkpoint_io import load_tokenizer
 from .common import (
@@ -31,6 +32,7 @@ from .common import (
     add_common_arguments,
     autocast,
     image_batches,
+    image_size_for,
     list_inputs,
     output_names,
     prepare_out_dir,
@@ -303,7 +305,7 @@ def main(argv: Sequence[str]) -> int:
         tokenizer = load_tokenizer(args.ckpt)
         common = dict(batch_size=args.batch_size, device=device, precision=precision, progress=not args.quiet)
         if command == "encode":
-            manifest = encode_folder(tokenizer, args.data_dir, args.out, image_size=args.image_size,
+            manifest = encode_folder(tokenizer, args.data_dir, args.out, image_size=image_size_for(tokenizer, args.image_size),
                                      shard_size=args.shard_size, num_workers=args.num_workers,
                                      compile_encoder={"auto": None, "yes": True, "no": False}[args.compile], **common)
             return (f"encoded {len(manifest['files'])} images into {len(manifest['shards'])} shard(s) in {args.out}"
@@ -311,7 +313,7 @@ def main(argv: Sequence[str]) -> int:
         if command == "decode":
             written = decode_tokens(tokenizer, args.tokens, args.out, **common)
             return f"decoded {len(written)} images into {args.out}"
-        written = reconstruct(tokenizer, args.input, args.out, image_size=args.image_size,
+        written = reconstruct(tokenizer, args.input, args.out, image_size=image_size_for(tokenizer, args.image_size),
                               num_workers=args.num_workers, **common)
         return f"reconstructed {len(written)} images into {args.out}"
 

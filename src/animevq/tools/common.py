@@ -226,10 +226,22 @@ def run_tool(command: str, work: Callable[[], str | None], *, out: str | Path | 
     return 0
 
 
+def image_size_for(tokenizer: Any, given: int | None) -> int:
+    """``--image_size`` when given, else the size ``tokenizer`` was trained at (a checkpoint's data
+    module, an export's config), else :data:`IMAGE_SIZE`."""
+    if given is not None:
+        return given
+    trained = getattr(tokenizer, "training_image_size", None)
+    if trained is None:
+        log.info("--image_size not given and the checkpoint does not record its training size: using %d", IMAGE_SIZE)
+    return trained or IMAGE_SIZE
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, image_size: bool = True, workers: bool = True) -> None:
     if image_size:
-        parser.add_argument("--image_size", type=int, default=IMAGE_SIZE,
-                            help="images are resized and centre-cropped to this")
+        parser.add_argument("--image_size", type=int, default=None,
+                            help=f"images are resized and centre-cropped to this; default: the size the checkpoint "
+                            f"was trained at, else {IMAGE_SIZE}")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="images per batch")
     parser.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", default="auto", choices=("auto", "32", "bf16-mixed", "16-mixed"),

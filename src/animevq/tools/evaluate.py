@@ -34,6 +34,7 @@ from .common import (
     add_common_arguments,
     autocast,
     image_batches,
+    image_size_for,
     list_inputs,
     prepare_out_dir,
     progress_bar,
@@ -160,8 +161,15 @@ def evaluate(
     out = prepare_out_dir(out_dir) if out_dir is not None else None
     notes: list[str] = []
     fid: metrics.ReconstructionFID | None = None
-    if compute_fid:  # before any work: missing weights fail fast
-        fid = fid_metric if fid_metric is not None else metrics.ReconstructionFID(fid_weights, device=device)
+    if compute_fid:  # before any work: weights asked for and missing fail fast
+        try:
+            fid = fid_metric if fid_metric is not None else metrics.ReconstructionFID(fid_weights, device=device)
+        except metrics.FIDWeightsMissing as error:
+            if fid_weights is not None:
+                raise
+            log.info("rFID unavailable: %s", error)
+            notes.append(f"rFID skipped: the FID Inception-v3 weights are not on this machine; pass --fid_weights PATH "
+                         f"({metrics.FID_WEIGHTS_URL}) or put the file at {metrics.default_fid_weights()}")
     else:
         notes.append("rFID skipped (--no_fid)")
     tokenizer = tokenizer.to(device).eval()
@@ -261,8 +269,9 @@ def main(argv: Sequence[str]) -> int:
 
     def work() -> str:
         device = resolve_device(args.device)
+        tokenizer = load_tokenizer(args.ckpt)
         report = evaluate(
-            load_tokenizer(args.ckpt), args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+            tokenizer, args.data_dir, batch_size=args.batch_size, image_size=image_size_for(tokenizer, args.image_size),
             device=device, fid_weights=args.fid_weights, compute_fid=not args.no_fid, out_dir=args.out,
             max_images=args.max_images, lpips_vgg_weights=args.lpips_vgg_weights,
             precision=resolve_precision(args.precision, device), num_workers=args.num_workers,

@@ -30,13 +30,12 @@ from typing import Any
 
 from ..data.datamodule import AnimeDataModule
 from ..nn.tokenizer import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, Tokenizer
-from ..runs.checkpoint_io import checkpoint_tokenizer, load_tokenizer, read_checkpoint
+from ..runs.checkpoint_io import DATAMODULE_HPARAMS, checkpoint_tokenizer, load_tokenizer, read_checkpoint
 from . import onnx_export
-from .common import IMAGE_SIZE, run_tool
+from .common import IMAGE_SIZE, image_size_for, run_tool
 
 __all__ = ["card_facts", "main"]
 
-DATAMODULE_HPARAMS = "datamodule_hyper_parameters"  # where Lightning saves a data module's arguments
 SAMPLE_DATA = "animevq's bundled sample images"  # what data_dir=None trains on
 
 
@@ -86,8 +85,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--onnx", action="store_true",
                         help="also write encoder.onnx (images -> codes) and decoder.onnx (codes -> images), "
                         'batch size dynamic; needs pip install "animevq[onnx]"')
-    parser.add_argument("--image_size", type=int, default=IMAGE_SIZE,
-                        help="with --onnx: the side of the square images the graphs take (the training size)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="with --onnx: the side of the square images the graphs take; default: the size the "
+                        f"checkpoint was trained at, else {IMAGE_SIZE}")
     args = parser.parse_args(list(argv)[1:])
 
     def work() -> str:
@@ -99,14 +99,15 @@ def main(argv: Sequence[str]) -> int:
             tokenizer, facts = checkpoint_tokenizer(checkpoint, source=path), card_facts(checkpoint)
         if args.metrics is not None:
             facts["metrics"] = read_metrics(args.metrics, tokenizer)
+        image_size = image_size_for(tokenizer, args.image_size)
         if args.onnx:  # before anything is written: missing packages or a bad size leave no files
             onnx_export.require_onnx()
-            tokenizer.grid_size(args.image_size)
+            tokenizer.grid_size(image_size)
         out = tokenizer.save_pretrained(args.out, model_card_kwargs=facts)
         summary = f"exported {args.ckpt} to {out}/{WEIGHTS_NAME} and {out}/{CONFIG_NAME} (model card {out}/{CARD_NAME})"
         if args.onnx:
-            graphs = onnx_export.export_onnx(tokenizer, out, image_size=args.image_size)
-            summary += (f", and {graphs.encoder} and {graphs.decoder} ({args.image_size}x{args.image_size} images, "
+            graphs = onnx_export.export_onnx(tokenizer, out, image_size=image_size)
+            summary += (f", and {graphs.encoder} and {graphs.decoder} ({image_size}x{image_size} images, "
                         f"opset {onnx_export.OPSET})")
         return summary
 
