@@ -40,6 +40,7 @@ from .runs.lock import RunFolderBusy, RunFolderLock
 from .runs.resume import ExactResume
 from .runs.sigterm import EXIT_SIGTERM, HostSigtermCheck
 from .runs.writer import AtomicCheckpointIO
+from .tracking.progress import CompactProgressBar
 from .tools import LIGHTNING_COMMANDS, TOOLS
 from .train.module import VQVAEModel
 
@@ -251,7 +252,7 @@ def _explicit_over(saved: dict[str, Any], given: dict[str, Any], defaults: dict[
 def _trainer_defaults() -> dict[str, Any]:
     return {
         "logger": {"class_path": "animevq.tracking.SwanLabLogger", "init_args": {"project": "animevq"}},
-        "callbacks": [DataReport()],  # persistent: added to any callbacks a config lists
+        "callbacks": [DataReport(), CompactProgressBar()],  # persistent: added to any callbacks a config lists
         "log_every_n_steps": 1,  # the model logs at its own log_every_n_steps
     }
 
