@@ -177,5 +177,6 @@ def test_swanlab_log_dir_from_the_environment_is_honoured(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_fit_prints_none_of_lightnings_known_noise(fitted) -> None:
     output = fitted["first"].stdout + fitted["first"].stderr
-    for noise in ("litlogger", "LeafSpec", "You have overridden `on_after_batch_transfer`"):
+    for noise in ("litlogger", "LeafSpec", "You have overridden `on_after_batch_transfer`", "v_num"):
         assert noise not in output, noise
+    assert " loss=" in output and "train/total_loss=" not in output  # the compact bar, not Lightning's default

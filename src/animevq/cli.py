@@ -24,7 +24,7 @@ from typing import Any
 
 import jsonargparse
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -163,6 +163,9 @@ class AnimeVQCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = super().instantiate_trainer(**kwargs)
+        for i, callback in enumerate(trainer.callbacks):  # Lightning's default bar (not one a config chose)
+            if type(callback) in (TQDMProgressBar, RichProgressBar):
+                trainer.callbacks[i] = CompactProgressBar(getattr(callback, "refresh_rate", 1) or 1)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one of the user's plugins
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # last, previous and best: atomic in the run folder
         last = LastCheckpoint(Path(config["run_dir"]) / "checkpoints", every_n_steps=config["save_every_n_steps"])
@@ -252,7 +255,7 @@ def _explicit_over(saved: dict[str, Any], given: dict[str, Any], defaults: dict[
 def _trainer_defaults() -> dict[str, Any]:
     return {
         "logger": {"class_path": "animevq.tracking.SwanLabLogger", "init_args": {"project": "animevq"}},
-        "callbacks": [DataReport(), CompactProgressBar()],  # persistent: added to any callbacks a config lists
+        "callbacks": [DataReport()],  # persistent: added to any callbacks a config lists
         "log_every_n_steps": 1,  # the model logs at its own log_every_n_steps
     }
 
