@@ -86,7 +86,10 @@ def test_code_tally_splits_drawing_from_background_cells() -> None:
 
 def test_evaluate_without_weights(ckpt: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no cached VGG16 / Inception
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    # No cached VGG16 / Inception, and a cache folder that cannot be made: nothing is downloaded.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(blocker / "hub"))
     argv = ["evaluate", "--ckpt", str(ckpt), "--data_dir", str(images), "--out", str(tmp_path / "e"),
             "--image_size", str(SIZE), "--num_workers", "0", "--quiet"]
     assert evaluate.main(argv) == 0  # was: status 1, no report

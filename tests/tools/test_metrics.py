@@ -14,6 +14,7 @@ from torch import nn
 
 from animevq.runs.checkpoint_io import CheckpointError
 from animevq.tools.metrics import (
+    FID_WEIGHTS_FILE,
     FIDWeightsMissing,
     ReconstructionFID,
     background_cells,
@@ -154,6 +155,13 @@ def test_rfid_loads_inception_weights_from_a_local_file(tmp_path: Path) -> None:
     same = ReconstructionFID(weights, feature=64)
     same.update(x, x)
     assert same.compute() == pytest.approx(0.0, abs=1e-3)
+    cached = tmp_path / "hub" / "checkpoints" / FID_WEIGHTS_FILE  # torch-fidelity's own cache: used, not fetched
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(weights.read_bytes())
+    with mock.patch.object(torch.hub, "get_dir", lambda: str(tmp_path / "hub")):
+        from_cache = ReconstructionFID(feature=64)
+    from_cache.update(x, x)
+    assert from_cache.compute() == pytest.approx(0.0, abs=1e-3)
 
     fid = ReconstructionFID(weights, feature=64)
     fid.update(x[:3], x_rec[:3])
@@ -169,8 +177,11 @@ def test_rfid_without_weights_says_how_to_provide_them(tmp_path: Path) -> None:
     with pytest.raises(FIDWeightsMissing, match="--fid_weights") as info:
         ReconstructionFID(tmp_path / "missing.pth")
     assert "--no_fid" in str(info.value)
-    with mock.patch.object(torch.hub, "get_dir", lambda: str(tmp_path)):  # empty cache
-        with pytest.raises(FIDWeightsMissing, match="--no_fid"):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    # Not cached, and the download into the cache fails (here before any network: no cache folder).
+    with mock.patch.object(torch.hub, "get_dir", lambda: str(blocker / "hub")):
+        with pytest.raises(FIDWeightsMissing, match=r"does not exist and downloading it failed .*--no_fid"):
             ReconstructionFID()
 
 

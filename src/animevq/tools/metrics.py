@@ -8,6 +8,7 @@ matters: PSNR of the whole batch as one signal is dominated by its worst image, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +43,7 @@ DEFAULT_MIN_BORDER_SHARE = 0.5
 # caches them when torch-fidelity downloads them itself.
 FID_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FID_FEATURES = 2048  # Inception pool3: the layer every published FID uses (64/192/768 exist)
+FID_WEIGHTS_HASH_PREFIX = FID_WEIGHTS_FILE.rsplit("-", 1)[1].split(".")[0]  # "6726825d": torch.hub's check
 FID_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{FID_WEIGHTS_FILE}"
 
 
@@ -140,10 +142,33 @@ def default_fid_weights() -> Path:
 
 def _missing_weights(reason: str) -> FIDWeightsMissing:
     return FIDWeightsMissing(
-        f"rFID needs the FID Inception-v3 weights but {reason}. This machine never downloads them. "
+        f"rFID needs the FID Inception-v3 weights but {reason}. "
         f"On a machine with internet, download {FID_WEIGHTS_URL} and pass it with --fid_weights PATH "
         f"(or place it at {default_fid_weights()}); or pass --no_fid to skip rFID."
     )
+
+
+def fetch_fid_weights() -> Path:
+    """torch-fidelity's Inception weights in its own cache (torch.hub's checkpoint folder),
+    downloaded there once when they are missing and the machine is online; the file's SHA-256
+    must start with the prefix its name carries. It is then loaded like any other: weights only.
+
+    Raises:
+        FIDWeightsMissing: not cached, and the download failed (offline, no room, a bad hash).
+    """
+    path = default_fid_weights()
+    if path.is_file():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(path), hash_prefix=FID_WEIGHTS_HASH_PREFIX,
+                                       progress=False)
+    except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError; a bad hash a RuntimeError
+        with contextlib.suppress(OSError):  # a partial download (torch.hub writes a temporary file first)
+            path.unlink(missing_ok=True)
+        raise _missing_weights(f"{path} does not exist and downloading it failed ({type(error).__name__}: "
+                               f"{str(error)[:200]})") from error
+    return path
 
 
 class ReconstructionFID:
@@ -163,7 +188,7 @@ class ReconstructionFID:
         if isinstance(feature, nn.Module):
             self.metric = FrechetInceptionDistance(feature=feature)
         else:
-            path = Path(weights) if weights is not None else default_fid_weights()
+            path = Path(weights) if weights is not None else fetch_fid_weights()
             if not path.is_file():
                 where = f"--fid_weights {path} does not exist" if weights is not None else f"{path} does not exist"
                 raise _missing_weights(where)
