@@ -218,7 +218,8 @@ def _check_before_building(subcommand: str | None, config: Any, run_dir: Path) -
             halve down to its grid, or a fit into a run folder that holds another run's checkpoints.
     """
     accelerator = str(config["trainer"].get("accelerator") or "auto")
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()  # Lightning's "gpu" is Apple's GPU there
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not mps:
         raise ValueError(f"--trainer.accelerator {accelerator}: this machine has no CUDA GPU; train on the CPU with "
                          "--trainer.accelerator cpu --trainer.precision 32 (slow), or start with "
                          "--config configs/quickstart.yaml")
