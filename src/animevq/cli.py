@@ -41,7 +41,7 @@ from .runs.resume import ExactResume
 from .runs.sigterm import EXIT_SIGTERM, HostSigtermCheck
 from .runs.writer import AtomicCheckpointIO
 from .tracking.progress import CompactProgressBar
-from .tools import LIGHTNING_COMMANDS, TOOLS
+from .tools import LIGHTNING_COMMANDS, TOOLS, run_tool_command
 from .train.module import VQVAEModel
 
 __all__ = ["AnimeVQCLI", "main"]
@@ -282,10 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] in TOOLS:
-        import importlib
-
-        module = importlib.import_module(TOOLS[argv[0]][0])
-        raise SystemExit(module.main(argv))
+        raise SystemExit(run_tool_command(argv))
     moved = _moved_options(argv)
     if moved:
         print("\n".join(f"animevq: error: {m}" for m in moved), file=sys.stderr)
@@ -315,11 +312,16 @@ _NOISE = (r".*isinstance\(treespec, LeafSpec\)` is deprecated",
           r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`")
 
 
+def _not_an_advertisement(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
 def _quiet_known_noise() -> None:
+    """Filter the notices of ``_NOISE`` and Lightning's litlogger tip (once: filters are not added twice)."""
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
+        logging.getLogger(name).addFilter(_not_an_advertisement)
 
 
 def _moved_options(argv: list[str]) -> list[str]:

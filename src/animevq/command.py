@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-from .tools import LIGHTNING_COMMANDS, TOOLS
+from .tools import LIGHTNING_COMMANDS, TOOLS, run_tool_command
 from . import __version__
 
 __all__ = ["main", "overview"]
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"animevq {__version__}")
         raise SystemExit(0)
     if args[0] in TOOLS:
-        raise SystemExit(importlib.import_module(TOOLS[args[0]][0]).main(args))
+        raise SystemExit(run_tool_command(args))
     if args[0] not in LIGHTNING_COMMANDS and not args[0].startswith("-"):
         print(f"animevq: unknown command {args[0]!r}\n\n{overview()}", file=sys.stderr)
         raise SystemExit(2)

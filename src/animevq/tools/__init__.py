@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-__all__ = ["LIGHTNING_COMMANDS", "TOOLS"]
+import importlib
+
+__all__ = ["LIGHTNING_COMMANDS", "TOOLS", "run_tool_command"]
 
 LIGHTNING_COMMANDS: dict[str, str] = {  # the LightningCLI subcommands animevq keeps → what they do
     "fit": "train a tokenizer (--config YAML; every --model.*, --data.* and --trainer.* setting; "
@@ -19,3 +21,8 @@ TOOLS: dict[str, tuple[str, str]] = {  # command → (module, what it does)
     "reconstruct": ("animevq.tools.codes", "encode and decode images: reconstructions as PNGs"),
     "export": ("animevq.tools.export", "write a checkpoint's tokenizer as model.safetensors + config.json"),
 }
+
+
+def run_tool_command(argv: list[str]) -> int:
+    """Run the tool ``argv[0]`` (a key of :data:`TOOLS`) with ``argv``; its exit status."""
+    return importlib.import_module(TOOLS[argv[0]][0]).main(argv)
