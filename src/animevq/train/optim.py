@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import OptimizerConfig
 
-__all__ = ["adam_options", "apply_adam_options", "make_adam", "make_scheduler", "warmup_cosine"]
+__all__ = ["adam_options", "apply_adam_options", "make_scheduler", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> float:
@@ -33,11 +33,6 @@ def adam_options(params: Sequence[nn.Parameter], config: OptimizerConfig, *, lr:
     gradients under mixed precision (it unscales internally): runs that clip use the foreach kernel."""
     fused = {p.device.type for p in params} in ({"cuda"}, {"cpu"}) and not clipping
     return {"lr": lr, "betas": tuple(config.betas), "weight_decay": config.weight_decay, "fused": fused}
-
-
-def make_adam(params: Sequence[nn.Parameter], config: OptimizerConfig, *, lr: float, clipping: bool) -> torch.optim.Adam:
-    """Adam over ``params`` with :func:`adam_options`."""
-    return torch.optim.Adam(params, **adam_options(params, config, lr=lr, clipping=clipping))
 
 
 def apply_adam_options(optimizer: torch.optim.Optimizer, scheduler: Any, options: dict[str, Any]) -> None:
