@@ -89,3 +89,23 @@ def write_bad(folder: Path, elsewhere: Path) -> None:
     os.symlink(elsewhere / "secret.png", folder / "outside.png")
     os.symlink(folder, folder / "sub_loop")  # a folder link back up: must not hang the walk
     os.symlink("cmyk.jpg", folder / "alias.jpg")  # a link inside data_dir is fine
+
+
+NOT_UTF8 = os.fsdecode(b"bad\xff.png")  # 'bad\udcff.png': a Linux name that does not encode as UTF-8
+
+
+def write_badly_named(root: Path, names: tuple[str, ...], *, good: int) -> Path:
+    """``good`` small PNGs in ``root`` and, under each of ``names``, a file that is not an image
+    (skips the test on macOS, whose file systems refuse names that are not UTF-8)."""
+    import sys
+
+    import pytest
+
+    if sys.platform == "darwin":
+        pytest.skip("macOS file systems refuse names that are not UTF-8")
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(good):
+        Image.new("RGB", (S, S), (40 * i, 0, 0)).save(root / f"ok{i}.png")
+    for name in names:
+        (root / name).write_text("not an image")
+    return root

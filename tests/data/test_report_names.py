@@ -5,35 +5,25 @@ and log line, while the API keeps the names as the file system gives them."""
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from animevq.data import AnimeDataModule, DataReport, ImageSkipped, load_image
 from animevq.tools.prepare import main as prepare_main
 from conftest import tiny_trainer
+from poison import NOT_UTF8, write_badly_named
 from probe import Probe
 
 S = 16
-BAD = os.fsdecode(b"bad\xff.png")  # 'bad\udcff.png': not encodable as UTF-8
+BAD = NOT_UTF8
 SHOWN = "bad\\xff.png"  # how reports write it
 BROKEN_LINE = "two\nlines.png"
 
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    if sys.platform == "darwin":
-        pytest.skip(f"{__file__}: macOS file systems refuse names that are not UTF-8")
-    root = tmp_path / "data"
-    root.mkdir()
-    for i in range(4):
-        Image.new("RGB", (S, S), (40 * i, 0, 0)).save(root / f"ok{i}.png")
-    for name in (BAD, BROKEN_LINE):
-        (root / name).write_text("not an image")
-    return root
+    return write_badly_named(tmp_path / "data", (BAD, BROKEN_LINE), good=4)
 
 
 def _encodable(text: str) -> str:

@@ -17,6 +17,7 @@ import swanlab
 import torch
 from conftest import tiny_trainer
 from dashboard import read_swanlog
+from poison import NOT_UTF8, write_badly_named
 from PIL import Image
 
 from animevq.tracking import (
@@ -284,13 +285,7 @@ assert logger.failure is None, logger.failure
 @pytest.mark.slow
 def test_a_skipped_file_whose_name_is_not_utf8_logs_without_errors(tmp_path: Path) -> None:
     """was: "SwanLab background logger thread error ... UnicodeEncodeError" every epoch."""
-    if sys.platform == "darwin":
-        pytest.skip(f"{__file__}: macOS file systems refuse names that are not UTF-8")
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(3):
-        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(data / f"ok{i}.png")
-    (data / os.fsdecode(b"bad\xff.png")).write_text("not an image")
+    data = write_badly_named(tmp_path / "data", (NOT_UTF8,), good=3)
     tests = Path(__file__).resolve().parents[1]
     path = [str(tests.parent / "src"), str(tests), os.environ.get("PYTHONPATH", "")]  # as conftest
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
