@@ -7,7 +7,7 @@
 #
 #   PYTHON=python3.12 bash scripts/setup.sh          # another interpreter for the venv
 #   ANIMEVQ_TORCH_INDEX=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
-#                                                    # CPU-only PyTorch (~0.2 GB instead of ~6 GB of CUDA wheels)
+#                                                    # CPU-only PyTorch, without the CUDA wheels (several GB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
