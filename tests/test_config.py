@@ -68,9 +68,11 @@ def test_configs_refuse_bad_values_and_unknown_keys() -> None:
         ModelConfig.build({}, {"adversarial": {"disc_norm": "layer"}})
     with pytest.raises(ValueError, match=r"model\.speed has no setting 'fast'"):
         ModelConfig.build({}, {"speed": {"fast": True}})
-    with pytest.raises(TypeError, match=r"model\.quantizer takes a VQOptions .*not a VQConfig; .*'num_embeddings'"):
+    with pytest.raises(TypeError, match=r"model\.quantizer takes a QuantizerOptions .*not a VQConfig; .*'num_embeddings'"):
         ModelConfig.build({}, {"quantizer": VQConfig(num_embeddings=8)})  # the seed's num_embeddings decides
-    with pytest.raises(ValueError, match="unknown quantizer family 'fsq'"):
+    with pytest.raises(ValueError, match="unknown quantizer family 'rvq'; known: vq, fsq, lfq, simvq, ibq"):
+        TokenizerConfig.from_dict({**TINY_TOKENIZER.to_dict(), "quantizer": {"family": "rvq"}})
+    with pytest.raises(ValueError, match="codebook_size 16 differs from the 1000 codes its fsq quantizer makes"):
         TokenizerConfig.from_dict({**TINY_TOKENIZER.to_dict(), "quantizer": {"family": "fsq"}})
 
 

@@ -2,7 +2,7 @@
 
 ``VQVAEModel`` takes the seed's twenty parameters flat (its README's table, names and defaults
 promised to users) and every other knob in a group, one dataclass per concern:
-``quantizer`` (:class:`~animevq.nn.config.VQOptions`), ``losses`` (:class:`LossOptions`),
+``quantizer`` (:class:`~animevq.nn.quantizer_config.QuantizerOptions`: the family and its options), ``losses`` (:class:`LossOptions`),
 ``adversarial``, ``optimization``, ``logging``, ``speed`` and ``safety``. Each seed parameter
 is a field of the config of the part it belongs to, beside that group's options
 (``LossConfig(LossOptions)`` adds the loss weights, and so on), so its default is written once;
@@ -19,7 +19,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
-from .nn.config import Checked, TokenizerConfig, VQConfig, VQOptions, config_from_mapping, plain
+from .nn.config import (
+    Checked,
+    QuantizerOptions,
+    TokenizerConfig,
+    VQConfig,
+    VQOptions,
+    config_from_mapping,
+    flat_of_quantizer,
+    plain,
+    quantizer_from_flat,
+)
 from .nn.discriminator import BASE_CHANNELS, DiscriminatorNorm
 
 __all__ = [
@@ -207,7 +217,7 @@ class SafetyOptions(Checked):
 
 # VQVAEModel's groups: parameter name → options class.
 GROUPS: dict[str, type] = {
-    "quantizer": VQOptions,
+    "quantizer": QuantizerOptions,
     "losses": LossOptions,
     "adversarial": AdversarialOptions,
     "optimization": OptimizationOptions,
@@ -216,7 +226,8 @@ GROUPS: dict[str, type] = {
     "safety": SafetyOptions,
 }
 # animevq 0.1 took every option flat (model.warmup_steps); 0.2 takes it in its group.
-MOVED_IN_0_2: dict[str, str] = {f.name: f"{group}.{f.name}" for group, kind in GROUPS.items() for f in fields(kind)}
+_IN_0_1 = {**GROUPS, "quantizer": VQOptions}  # 0.1's quantizer options were VQ-EMA's
+MOVED_IN_0_2: dict[str, str] = {f.name: f"{group}.{f.name}" for group, kind in _IN_0_1.items() for f in fields(kind)}
 # The seed's table, in its order, and the config class that holds each parameter's default.
 _SEED_HOMES: tuple[tuple[type, tuple[str, ...]], ...] = (
     (TokenizerConfig, ("in_channels", "latent_channels", "encoder_channels", "decoder_channels", "num_res_blocks")),
@@ -260,6 +271,13 @@ class ModelConfig(Checked):
         unknown = sorted(set(seed) - set(SEED_PARAMETERS)) + sorted(set(groups) - set(GROUPS))
         if unknown:
             raise TypeError(f"VQVAEModel has no parameter {', '.join(map(repr, unknown))}")
+        given = groups.get("quantizer")
+        if type(given) is VQOptions:  # 0.2's group: VQ-EMA's options
+            groups = {**groups, "quantizer": {f.name: getattr(given, f.name) for f in fields(VQOptions)}}
+        elif isinstance(given, Checked) and not isinstance(given, QuantizerOptions):  # e.g. a whole VQConfig
+            elsewhere = sorted({f.name for f in fields(given)} - {f.name for f in fields(QuantizerOptions)})
+            raise TypeError(f"model.quantizer takes a QuantizerOptions (or a mapping of its fields), not a "
+                            f"{type(given).__name__}; {elsewhere} are set elsewhere")
         opts = {name: config_from_mapping(kind, groups.get(name, {}), what=f"model.{name}")
                 for name, kind in GROUPS.items()}
 
@@ -268,7 +286,7 @@ class ModelConfig(Checked):
             return home(**values, **{f.name: getattr(opts[group], f.name) for f in fields(GROUPS[group])})
 
         homes = dict(_SEED_HOMES)
-        quantizer = part(VQConfig, homes[VQConfig], "quantizer")
+        quantizer = quantizer_from_flat({k: seed[k] for k in homes[VQConfig] if k in seed}, opts["quantizer"])
         arch = {k: seed[k] for k in homes[TokenizerConfig] if k in seed}
         return cls(
             tokenizer=TokenizerConfig(**arch, quantizer=quantizer),
@@ -286,16 +304,21 @@ class ModelConfig(Checked):
 
     def seed_values(self) -> dict[str, Any]:
         """The seed's twenty parameters, by name."""
-        parts = {TokenizerConfig: self.tokenizer, VQConfig: self.tokenizer.quantizer, LossConfig: self.losses,
-                 OptimizerConfig: self.optimization, LoggingConfig: self.logging}
-        return {name: getattr(parts[home], name) for home, names in _SEED_HOMES for name in names}
+        parts = {TokenizerConfig: self.tokenizer, LossConfig: self.losses, OptimizerConfig: self.optimization,
+                 LoggingConfig: self.logging}
+        quantizer, _ = flat_of_quantizer(self.tokenizer.quantizer)
+        return {name: quantizer[name] if home is VQConfig else getattr(parts[home], name)
+                for home, names in _SEED_HOMES for name in names}
 
     def group_values(self) -> dict[str, Any]:
         """Each group's options dataclass, by parameter name."""
         out = {}
         for name, kind in GROUPS.items():
-            source = self.tokenizer.quantizer if name == "quantizer" else getattr(self, name)
-            out[name] = kind(**{f.name: getattr(source, f.name) for f in fields(kind)})
+            if name == "quantizer":
+                out[name] = flat_of_quantizer(self.tokenizer.quantizer)[1]
+            else:
+                source = getattr(self, name)
+                out[name] = kind(**{f.name: getattr(source, f.name) for f in fields(kind)})
         return out
 
     def to_hparams(self) -> dict[str, Any]:
@@ -312,10 +335,15 @@ class ModelConfig(Checked):
         seed = {**{k: base[k] for k in SEED_PARAMETERS}, **{k: v for k, v in hparams.items() if k in SEED_PARAMETERS}}
         groups: dict[str, dict[str, Any]] = {}
         for name, kind in GROUPS.items():
-            names = {f.name for f in fields(kind)}
+            names = {f.name for f in fields(_IN_0_1[name])}
             flat = {k: v for k, v in hparams.items() if k in names}  # 0.1
             nested = hparams.get(name)
-            groups[name] = {**base[name], **flat, **(dict(nested) if isinstance(nested, Mapping) else {})}
+            recorded = {**flat, **(dict(nested) if isinstance(nested, Mapping) else {})}
+            fallback = base[name]
+            if name == "quantizer":  # a group without a family is VQ-EMA's; another family's options do not fill it
+                recorded.setdefault("family", VQConfig.family)
+                fallback = fallback if fallback["family"] == recorded["family"] else {}
+            groups[name] = {**fallback, **recorded}
         return cls.build(seed, groups)
 
 
@@ -339,8 +367,10 @@ def architecture_differences(saved: ModelConfig, current: ModelConfig) -> list[s
 
 _DERIVED = (
     ("lambda_gan > 0 (VQ-GAN)", lambda c: c.adversarial_on),
-    ("decay > 0 (EMA codebook)", lambda c: c.tokenizer.quantizer.decay > 0),
-    ("l2_normalize_codes", lambda c: c.tokenizer.quantizer.l2_normalize_codes),
+    ("quantizer family", lambda c: c.tokenizer.quantizer.family),
+    ("quantizer levels", lambda c: list(getattr(c.tokenizer.quantizer, "levels", ())) or None),
+    ("decay > 0 (EMA codebook)", lambda c: getattr(c.tokenizer.quantizer, "decay", 0.0) > 0),
+    ("l2_normalize_codes", lambda c: getattr(c.tokenizer.quantizer, "l2_normalize_codes", False)),
     ("disc_norm", lambda c: c.adversarial.disc_norm if c.adversarial_on else None),
     ("disc_channels", lambda c: c.adversarial.disc_channels if c.adversarial_on else None),
     ("lecam_weight > 0", lambda c: c.adversarial.lecam_weight > 0 and c.adversarial_on),

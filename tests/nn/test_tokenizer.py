@@ -128,8 +128,12 @@ def test_broken_exports_give_clear_errors(trained: Tokenizer, tmp_path: Path) ->
     trained.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
 
-    (tmp_path / "config.json").write_text(json.dumps({**config, "quantizer": {**config["quantizer"],
-                                                                               "num_embeddings": 32}}))
+    assert config["codebook_size"] == 16
+    larger = {**config, "quantizer": {**config["quantizer"], "num_embeddings": 32}}
+    (tmp_path / "config.json").write_text(json.dumps(larger))
+    with pytest.raises(CheckpointError, match="codebook_size 16 differs from the 32 codes its vq quantizer makes"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**larger, "codebook_size": 32}))
     mismatch = r"shape mismatches .*quantizer\.embedding: file \(16, 8\) vs model \(32, 8\)"
     with pytest.raises(CheckpointError, match=mismatch):
         Tokenizer.from_pretrained(tmp_path)

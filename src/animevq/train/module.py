@@ -27,7 +27,7 @@ from ..config import (
     SafetyOptions,
     SpeedOptions,
 )
-from ..nn.config import VQOptions
+from ..nn.config import QuantizerOptions
 from ..nn.quantizers import code_stats
 from ..nn.tokenizer import Tokenizer
 from ..nn.weights import check_state_dict
@@ -36,7 +36,7 @@ from ..runs.last import LastCheckpoint
 from .gan import GanStep
 from .guard import NonFiniteGuard
 from .monitor import CodeUsage, TrainingMonitor, log_grid, log_usage_histogram, report
-from .objective import Objective, VQVAEOutput
+from .objective import Objective, VQVAEOutput, family_losses
 from .optim import adam_options, apply_adam_options, make_scheduler
 from .pretrained import read_pretrained_model
 from .resumed import check_resumed_settings
@@ -74,7 +74,8 @@ class VQVAEModel(pl.LightningModule):
         weight_decay: Adam's weight decay.
         log_every_n_steps: Log scalars every N training batches.
         log_images_every_n_steps: Log train/reconstruction every N training batches.
-        quantizer: Codebook health: dead-code restarts, k-means initialisation, cosine codes.
+        quantizer: The quantizer family (vq, fsq, lfq, simvq, ibq) and its options: VQ-EMA's codebook
+            health, FSQ's levels, LFQ's entropy loss (see ``configs/quantizer/``).
         losses: Where LPIPS's VGG16 weights come from.
         adversarial: VQ-GAN's discriminator and its schedule.
         optimization: Learning-rate schedule, gradient clipping, VQ-GAN's accumulation.
@@ -106,7 +107,7 @@ class VQVAEModel(pl.LightningModule):
         log_every_n_steps: int = _D["log_every_n_steps"],
         log_images_every_n_steps: int = _D["log_images_every_n_steps"],
         *,
-        quantizer: VQOptions = VQOptions(),
+        quantizer: QuantizerOptions = QuantizerOptions(),
         losses: LossOptions = LossOptions(),
         adversarial: AdversarialOptions = AdversarialOptions(),
         optimization: OptimizationOptions = OptimizationOptions(),
@@ -122,7 +123,8 @@ class VQVAEModel(pl.LightningModule):
         self.config = config = ModelConfig.build(seed, groups)
         self.save_hyperparameters(config.to_hparams())  # plain values only: checkpoints load weights_only
         self.tokenizer = Tokenizer(config.tokenizer)
-        self.objective = Objective(config.losses, config.adversarial, config.tokenizer.in_channels)
+        self.objective = Objective(config.losses, config.adversarial, config.tokenizer.in_channels,
+                                   self.tokenizer.quantizer.loss_weights)
         self.usage = CodeUsage(config.logging.usage_window, self.tokenizer.codebook_size)
         self.batches_seen = 0  # our batch counter: global_step counts optimizer steps
         self.guard = NonFiniteGuard(config.safety.max_nonfinite_steps, [self.tokenizer.quantizer, self.objective])
@@ -249,6 +251,7 @@ class VQVAEModel(pl.LightningModule):
                 "train/batch_perplexity": out.perplexity,
                 "train/batch_code_usage_rate": out.code_usage_rate,
                 "train/restarted_codes": out.restarted.float(),
+                **family_losses(out, "train/"),
                 **extra,
             }
             self.monitor.log_train_scalars(self, self.usage, batches_seen=self.batches_seen, batch_size=x.shape[0],
@@ -322,6 +325,7 @@ class VQVAEModel(pl.LightningModule):
             "val/commitment_loss": out.commitment_loss,
             "val/perc_loss": out.perc_loss,
             "val/total_loss": out.total_loss,
+            **family_losses(out, "val/"),
         }
         self.log_dict(values, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
         if batch_idx == 0 and not self.trainer.sanity_checking:

@@ -4,12 +4,14 @@ VQ-GAN's adaptive weight, as LlamaGen's ``VQLoss`` does, and returns named outpu
     total = λ_rec·L1(x, x̂) + λ_vq·vq + λ_commit·commit + λ_perc·LPIPS(x, x̂) [+ w·G]
 
 The quantizer's losses arrive by name and unweighted; ``vq_loss`` and ``commitment_loss`` take
-the seed's ``lambda_vq`` and ``lambda_commit``, any other a family reports counts as it comes.
+the seed's ``lambda_vq`` and ``lambda_commit``, any other the weight its family gives it
+(``Quantizer.loss_weights``, e.g. LFQ's ``entropy_weight``).
 Shapes: images (B,C,H,W) in [-1,1].
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -23,7 +25,9 @@ from ..nn.quantizers.base import TrainingSnapshot, restore_buffers, snapshot_buf
 from ..nn.tokenizer import TokenizerOutput
 from .losses import LeCamEMA, adaptive_weight_from_grads, d_loss, generator_loss, lecam_loss, ramp_weight
 
-__all__ = ["DiscriminatorOutput", "GeneratorOutput", "Objective", "ObjectiveOutput", "VQVAEOutput"]
+__all__ = ["DiscriminatorOutput", "GeneratorOutput", "Objective", "ObjectiveOutput", "VQVAEOutput", "family_losses"]
+
+SEED_LOSSES = ("vq_loss", "commitment_loss")  # logged under their own keys whatever the family
 
 class ObjectiveOutput(NamedTuple):
     """The VQ-VAE losses of one reconstruction."""
@@ -49,13 +53,19 @@ class VQVAEOutput(NamedTuple):
     code_usage_rate: torch.Tensor
     counts: torch.Tensor  # (K,) code histogram of the batch
     restarted: torch.Tensor  # dead codes restarted by this call
+    quantizer_losses: dict[str, torch.Tensor]  # every loss of the quantizer, unweighted, by name
 
     @classmethod
     def of(cls, tokenized: TokenizerOutput, losses: ObjectiveOutput, reconstruction: torch.Tensor) -> VQVAEOutput:
         stats = tokenized.quantized.stats
         return cls(reconstruction, tokenized.indices, losses.recon_loss, losses.vq_loss, losses.commitment_loss,
                    losses.perc_loss, losses.total_loss, stats.perplexity, stats.code_usage_rate, stats.counts,
-                   stats.restarted)
+                   stats.restarted, tokenized.quantized.losses)
+
+
+def family_losses(out: VQVAEOutput, prefix: str) -> dict[str, torch.Tensor]:
+    """The quantizer's losses beyond the seed's two (LFQ's ``entropy_loss``...) as logging keys."""
+    return {prefix + name: value for name, value in out.quantizer_losses.items() if name not in SEED_LOSSES}
 
 
 class GeneratorOutput(NamedTuple):
@@ -83,9 +93,11 @@ class Objective(nn.Module):
         losses: the loss weights and LPIPS's weights.
         adversarial: the discriminator's settings (used when ``losses.lambda_gan > 0``).
         in_channels: image channels, for the discriminator.
+        quantizer_weights: the quantizer family's weights of its other losses (``Quantizer.loss_weights``).
     """
 
-    def __init__(self, losses: LossConfig, adversarial: AdversarialOptions, in_channels: int) -> None:
+    def __init__(self, losses: LossConfig, adversarial: AdversarialOptions, in_channels: int,
+                 quantizer_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         self.config, self.adversarial = losses, adversarial
         self.lpips: nn.Module | None = None
@@ -105,7 +117,8 @@ class Objective(nn.Module):
             self.discriminator = PatchDiscriminator(in_channels, adversarial.disc_channels, NUM_LAYERS,
                                                     norm=adversarial.disc_norm)
             self.lecam = LeCamEMA() if adversarial.lecam_weight > 0 else None
-        self.quantizer_weights = {"vq_loss": losses.lambda_vq, "commitment_loss": losses.lambda_commit}
+        self.quantizer_weights = {**(quantizer_weights or {}), "vq_loss": losses.lambda_vq,
+                                  "commitment_loss": losses.lambda_commit}
 
     def _quantizer_terms(self, q: QuantizerOutput) -> torch.Tensor | None:
         """Σ weight·loss over the quantizer's losses, in their order."""

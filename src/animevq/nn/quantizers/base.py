@@ -113,6 +113,23 @@ class Quantizer(nn.Module, abc.ABC):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B,h,w) integer indices in [0, K) → (B,D,h,w) quantised latents."""
 
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """The family's own weights of its losses in the training objective, by name. The
+        objective weights ``vq_loss`` and ``commitment_loss`` by the seed's ``lambda_vq`` and
+        ``lambda_commit``; a loss named neither takes its weight from here (1 if absent)."""
+        return {}
+
+    def check_indices(self, indices: torch.Tensor) -> None:
+        """Refuse non-integer indices, and, outside an export, indices outside [0, K)."""
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"indices must be integer, got {indices.dtype}")
+        # An exported graph cannot read values back: there ONNX's Gather checks the range (it
+        # refuses indices ≥ K, and takes negative ones from the end, as numpy does).
+        k = self.codebook_size
+        if not torch.compiler.is_exporting() and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
+            raise ValueError(f"indices must lie in [0, {k}), got [{int(indices.min())}, {int(indices.max())}]")
+
     # Training hooks: what a skipped (non-finite) batch must put back.
     def training_snapshot(self) -> TrainingSnapshot:
         """The state a training forward changes, as of now: every buffer, plus any host-side

@@ -119,12 +119,7 @@ class VectorQuantizerEMA(Quantizer):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for indices: (B,h,w) → (B,D,h,w)."""
-        if indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"indices must be integer, got {indices.dtype}")
-        # An exported graph cannot read values back: there ONNX's Gather checks the range (it
-        # refuses indices ≥ K, and takes negative ones from the end, as numpy does).
-        if not torch.compiler.is_exporting() and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
-            raise ValueError(f"indices must lie in [0, {self.num_embeddings}), got [{int(indices.min())}, {int(indices.max())}]")
+        self.check_indices(indices)
         return F.embedding(indices.long(), self.embedding).permute(0, 3, 1, 2)  # (B,h,w,D) → (B,D,h,w)
 
     def _prepare(self, z_e: torch.Tensor) -> torch.Tensor:
