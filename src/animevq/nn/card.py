@@ -72,7 +72,7 @@ def model_card(config: TokenizerConfig, *, weights_sha256: str, data_dir: str | 
         _table([("data folder", f"`{data_dir}`" if data_dir else None), ("image files", count),
                 ("resolution", f"{image_size}×{image_size}" if image_size else None)]) + "\n",
         "## Codebook\n",
-        _table([("quantizer", q.family), ("codebook size K", q.num_embeddings), ("code dimension D", q.embedding_dim),
+        _table([("quantizer", q.family), ("codebook size K", q.codebook_size), ("code dimension D", q.embedding_dim),
                 ("downsampling", factor), ("code grid", grid)]) + "\n",
         "## Evaluation\n",
     ]

@@ -311,12 +311,12 @@ def quantizer_from_flat(seed: Mapping[str, Any], options: QuantizerOptions) -> Q
     cls = QUANTIZER_CONFIGS[options.family]
     own = {f.name for f in fields(cls)}
     flat = {**_SEED_DEFAULTS, **{k: v for k, v in seed.items() if k in FLAT_QUANTIZER_PARAMETERS}}
-    foreign = [f"{name} (for {_families_with(name)})" for name in options.set_options() if name not in own]
-    foreign += [f"{name} {flat[name]!r} (for {_families_with(name)})" for name in ("commitment_cost", "decay")
+    foreign = [f"{name} (a setting of {_families_with(name)})" for name in options.set_options() if name not in own]
+    foreign += [f"{name} {flat[name]!r} (a setting of {_families_with(name)})" for name in ("commitment_cost", "decay")
                 if name not in own and flat[name] != _SEED_DEFAULTS[name]]
     if foreign:
-        raise ValueError(f"the {options.family} quantizer has no setting {', '.join(foreign)}; "
-                         f"remove it, or choose that family with --model.quantizer.family")
+        raise ValueError(f"the {options.family} quantizer has no {', '.join(foreign)}: remove it, or choose that "
+                         "family with --model.quantizer.family")
     values = {k: v for k, v in flat.items() if k in own}
     values.update(options.set_options())
     config = cls(**values)

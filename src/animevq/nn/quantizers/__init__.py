@@ -5,13 +5,15 @@
 
 from __future__ import annotations
 
-from ..config import VQConfig
+from ..quantizer_config import FSQConfig, VQConfig
 from .base import Quantizer, QuantizerOutput, QuantizerStats, TrainingSnapshot, code_counts, code_stats
+from .fsq import FiniteScalarQuantizer
 from .kmeans import lloyd, nearest_code
 from .vq_ema import VectorQuantizerEMA
 
 __all__ = [
     "QUANTIZERS",
+    "FiniteScalarQuantizer",
     "Quantizer",
     "QuantizerOutput",
     "QuantizerStats",
@@ -24,7 +26,10 @@ __all__ = [
     "nearest_code",
 ]
 
-QUANTIZERS: dict[type, type[Quantizer]] = {VQConfig: VectorQuantizerEMA}  # config class → family
+QUANTIZERS: dict[type, type[Quantizer]] = {  # config class → family
+    VQConfig: VectorQuantizerEMA,
+    FSQConfig: FiniteScalarQuantizer,
+}
 
 
 def build_quantizer(config: object) -> Quantizer:
