@@ -97,3 +97,48 @@ def test_built_from_its_config_and_bad_levels_refused() -> None:
         FSQConfig(levels=(1024, 1024, 1024))
     with pytest.raises(ValueError, match=r"expected \(B,4,h,w\) latents"):
         FiniteScalarQuantizer(LEVELS)(torch.zeros(1, 3, 2, 2))
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        grad, counts = _fsq_step(_global_batch()[2 * rank : 2 * rank + 2])
+        dist.all_reduce(grad)
+        dist.all_reduce(counts)
+        torch.save((grad / 2, counts), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_batch() -> torch.Tensor:
+    return torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(1)) * 2
+
+
+def _fsq_step(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shared linear map into FSQ, a loss on z_q: the map's gradient and the batch's counts."""
+    torch.manual_seed(0)
+    project = torch.nn.Conv2d(6, 4, 1)
+    fsq = FiniteScalarQuantizer(LEVELS).train()
+    out = fsq(project(z))
+    (out.z_q * torch.linspace(-1, 1, 9).view(1, 1, 3, 3)).mean().backward()
+    return project.weight.grad.clone(), out.stats.counts
+
+
+def test_gloo_ddp_equals_one_process_on_the_global_batch(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    grad, counts = _fsq_step(_global_batch())
+    for rank in range(2):
+        ddp_grad, ddp_counts = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.allclose(ddp_grad, grad, atol=1e-7) and torch.equal(ddp_counts, counts)
