@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 from ..config import VQConfig
+from ..quantizer_config import SimVQConfig
 from .base import Quantizer, QuantizerOutput, QuantizerStats, TrainingSnapshot, code_counts, code_stats
 from .kmeans import lloyd, nearest_code
+from .simvq import SimVQ
 from .vq_ema import VectorQuantizerEMA
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "Quantizer",
     "QuantizerOutput",
     "QuantizerStats",
+    "SimVQ",
     "TrainingSnapshot",
     "VectorQuantizerEMA",
     "build_quantizer",
@@ -24,7 +27,10 @@ __all__ = [
     "nearest_code",
 ]
 
-QUANTIZERS: dict[type, type[Quantizer]] = {VQConfig: VectorQuantizerEMA}  # config class → family
+QUANTIZERS: dict[type, type[Quantizer]] = {  # config class → family
+    VQConfig: VectorQuantizerEMA,
+    SimVQConfig: SimVQ,
+}
 
 
 def build_quantizer(config: object) -> Quantizer:
