@@ -6,14 +6,16 @@
 from __future__ import annotations
 
 from ..config import VQConfig
-from ..quantizer_config import SimVQConfig
+from ..quantizer_config import IBQConfig, SimVQConfig
 from .base import Quantizer, QuantizerOutput, QuantizerStats, TrainingSnapshot, code_counts, code_stats
+from .ibq import IndexBackpropagationQuantizer
 from .kmeans import lloyd, nearest_code
 from .simvq import SimVQ
 from .vq_ema import VectorQuantizerEMA
 
 __all__ = [
     "QUANTIZERS",
+    "IndexBackpropagationQuantizer",
     "Quantizer",
     "QuantizerOutput",
     "QuantizerStats",
@@ -30,6 +32,7 @@ __all__ = [
 QUANTIZERS: dict[type, type[Quantizer]] = {  # config class → family
     VQConfig: VectorQuantizerEMA,
     SimVQConfig: SimVQ,
+    IBQConfig: IndexBackpropagationQuantizer,
 }
 
 
