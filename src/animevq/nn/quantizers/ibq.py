@@ -14,12 +14,13 @@ VQ-VAE straight-through copy of dL/dz_q).
 
 The reference's "double quantisation" loss is
 
-    ‖z_q − z‖² + ‖sg[z_q_hard] − z‖² + β‖z_q_hard − sg[z]‖²   (z_q_hard = hard · C, means over all values),
+    ‖z_q − z‖² + ‖sg[z_q_hard] − z‖² + β‖z_q_hard − sg[z]‖²,
 
-named here ``double_quant_loss`` (the first term, with gradient to the encoder and, through
-the one-hot, to every code), ``commitment_loss`` and ``vq_loss``. As in VQ-VAE (eq. 3) β
-weighs the commitment term; the reference puts it on the codebook term (taming's legacy
-order). The reference's optional entropy loss is not part of this family.
+with z_q_hard = hard · C and each ‖·‖² a mean over all values. Its terms are named here
+``double_quant_loss`` (the first, with gradient to the encoder and, through the one-hot, to
+every code), ``commitment_loss`` and ``vq_loss``. As in VQ-VAE (eq. 3) β weighs the
+commitment term; the reference puts it on the codebook term (taming's legacy order). The
+reference's optional entropy loss is not part of this family.
 
 Shapes: B batch, D code dimension, h×w latent grid, N = B·h·w vectors, K codes.
 """
