@@ -5,18 +5,22 @@
 
 from __future__ import annotations
 
-from ..quantizer_config import FSQConfig, VQConfig
+from ..quantizer_config import FSQConfig, IBQConfig, SimVQConfig, VQConfig
 from .base import Quantizer, QuantizerOutput, QuantizerStats, TrainingSnapshot, code_counts, code_stats
 from .fsq import FiniteScalarQuantizer
+from .ibq import IndexBackpropagationQuantizer
 from .kmeans import lloyd, nearest_code
+from .simvq import SimVQ
 from .vq_ema import VectorQuantizerEMA
 
 __all__ = [
     "QUANTIZERS",
     "FiniteScalarQuantizer",
+    "IndexBackpropagationQuantizer",
     "Quantizer",
     "QuantizerOutput",
     "QuantizerStats",
+    "SimVQ",
     "TrainingSnapshot",
     "VectorQuantizerEMA",
     "build_quantizer",
@@ -29,6 +33,8 @@ __all__ = [
 QUANTIZERS: dict[type, type[Quantizer]] = {  # config class → family
     VQConfig: VectorQuantizerEMA,
     FSQConfig: FiniteScalarQuantizer,
+    SimVQConfig: SimVQ,
+    IBQConfig: IndexBackpropagationQuantizer,
 }
 
 
