@@ -6,7 +6,14 @@
 from __future__ import annotations
 
 from ..quantizer_config import FSQConfig, IBQConfig, SimVQConfig, VQConfig
-from .base import Quantizer, QuantizerOutput, QuantizerStats, TrainingSnapshot, code_counts, code_stats
+from .base import (
+    Quantizer,
+    QuantizerOutput,
+    QuantizerStats,
+    TrainingSnapshot,
+    code_counts,
+    code_stats,
+)
 from .fsq import FiniteScalarQuantizer
 from .ibq import IndexBackpropagationQuantizer
 from .kmeans import lloyd, nearest_code

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantizer_config import SimVQConfig
-from .base import Quantizer, QuantizerOutput, QuantizerStats, code_counts, code_stats
+from .base import Quantizer, QuantizerOutput, QuantizerStats, TrainingSnapshot, code_counts, code_stats
 from .kmeans import nearest_code
 
 __all__ = ["SimVQ"]
@@ -76,6 +76,15 @@ class SimVQ(Quantizer):
         with torch.autocast(device_type=self.base_codebook.device.type, enabled=False):
             weight, bias = self.projection.weight, self.projection.bias
             return F.linear(self.base_codebook.float(), weight.float(), bias.float())  # (K,D)·(D,D)ᵀ + (D,)
+
+    # A training forward changes no state (C is frozen, W is a parameter): nothing for a skipped
+    # batch to put back. Copying C back in place would also bump the version of a tensor that
+    # the backward of C·Wᵀ still needs.
+    def training_snapshot(self) -> TrainingSnapshot:
+        return TrainingSnapshot([], {})
+
+    def restore_training_snapshot(self, snapshot: TrainingSnapshot, skip: torch.Tensor | None = None) -> None:
+        pass
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for indices: (B,h,w) → (B,D,h,w)."""
