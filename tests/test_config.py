@@ -133,3 +133,16 @@ def test_a_tokenizer_too_large_to_build_is_refused_before_allocating() -> None:
     assert peak < 10 * 2**20 and time.perf_counter() - start < 5
     default = TokenizerConfig()
     assert 2e7 < default.parameter_count() < 3e7  # the seed's tokenizer: ~2.4e7 values, built fine
+
+
+def test_ema_decay_is_checked_and_switching_it_changes_the_architecture() -> None:
+    from animevq.config import OptimizationOptions, architecture_differences
+
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+            OptimizationOptions(ema_decay=bad)
+    off, on = ModelConfig(), ModelConfig.build({}, {"optimization": {"ema_decay": 0.999}})
+    assert ModelConfig.from_hparams(on.to_hparams()).optimization.ema_decay == 0.999
+    assert architecture_differences(off, on) == ["ema_decay > 0 (weight EMA): checkpoint False, now True"]
+    slower = ModelConfig.build({}, {"optimization": {"ema_decay": 0.9999}})
+    assert architecture_differences(on, slower) == []  # another decay is a setting, applied on resume

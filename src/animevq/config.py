@@ -138,10 +138,14 @@ class OptimizationOptions(Checked):
     """Clip the gradients' global norm to this (None: no clipping; fused Adam needs none)."""
     accumulate_grad_batches: int = 1
     """VQ-GAN's gradient accumulation (manual optimisation); for VQ-VAE use --trainer.accumulate_grad_batches."""
+    ema_decay: float = 0.0
+    """Decay of a weight EMA (e.g. 0.999, as Open-MAGVIT2): the averaged weights are validated and exported; 0: off."""
 
     def __post_init__(self) -> None:
         _check_choice("lr_schedule", self.lr_schedule, LrSchedule)
         super().__post_init__()
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no weight EMA), got {self.ema_decay}")
         if self.accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
         if self.warmup_steps < 0:
@@ -374,6 +378,7 @@ _DERIVED = (
     ("disc_norm", lambda c: c.adversarial.disc_norm if c.adversarial_on else None),
     ("disc_channels", lambda c: c.adversarial.disc_channels if c.adversarial_on else None),
     ("lecam_weight > 0", lambda c: c.adversarial.lecam_weight > 0 and c.adversarial_on),
+    ("ema_decay > 0 (weight EMA)", lambda c: c.optimization.ema_decay > 0),
 )
 
 

@@ -1,6 +1,6 @@
 """SIGTERM at batch k, then `--ckpt_path last`: the run continues exactly as one that was
-never stopped — same batches in the same order (shuffled, random crops), same weights,
-optimizer and scheduler states, codebook buffers, counters and RNG streams."""
+never stopped — same batches in the same order (shuffled, random crops), same weights and
+weight EMA, optimizer and scheduler states, codebook buffers, counters and RNG streams."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def _config(run_dir: Path, data: Path, callbacks: list[dict]) -> dict:
         "save_every_n_steps": 4,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 3, "logger": False,
                     "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks},
-        "model": yaml_model(lambda_perc=0.0, optimization={"warmup_steps": 2}, log_every_n_steps=1,
-                            log_images_every_n_steps=1000),
+        "model": yaml_model(lambda_perc=0.0, optimization={"warmup_steps": 2, "ema_decay": 0.9},
+                            log_every_n_steps=1, log_images_every_n_steps=1000),
         "data": {"data_dir": str(data), "batch_size": 3, "image_size": 32, "val_split": 0.25, "num_workers": 1},
     }
 
@@ -121,3 +121,8 @@ def test_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(runs: dict) 
     # And the resume really restored something: the state at the stop differs from the end.
     assert not torch.equal(runs["at_stop"]["state_dict"]["tokenizer.quantizer.embedding"],
                            straight["state_dict"]["tokenizer.quantizer.embedding"])
+    # The weight EMA is in the compared state dict, lags the live weights and moved after the stop.
+    state, at_stop = straight["state_dict"], runs["at_stop"]["state_dict"]
+    key = next(k for k in state if k.startswith("tokenizer.decoder.") and k.endswith("weight"))[len("tokenizer."):]
+    assert not torch.equal(state[f"ema_tokenizer.{key}"], state[f"tokenizer.{key}"])
+    assert not torch.equal(state[f"ema_tokenizer.{key}"], at_stop[f"ema_tokenizer.{key}"])

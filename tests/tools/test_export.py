@@ -56,3 +56,29 @@ def test_tools_default_to_the_training_image_size(model: VQVAEModel, tmp_path: P
     assert codes.main(["reconstruct", "--ckpt", str(out), "--input", str(images), "--out", str(tmp_path / "r32"),
                        "--image_size", "32", "--num_workers", "0", "--quiet"]) == 0
     assert Image.open(tmp_path / "r32" / "a.png").size == (32, 32)  # given: it wins
+
+
+def test_a_checkpoint_with_a_weight_ema_exports_and_loads_the_ema(tmp_path: Path) -> None:
+    import torch
+    from tooling import save_ckpt, trained
+
+    from animevq.runs.checkpoint_io import load_tokenizer, tokenizer_state
+
+    model = trained(optimization={"warmup_steps": 0, "ema_decay": 0.9})
+    with torch.no_grad():  # an average that differs from the live weights, as after training
+        for p in model.ema_tokenizer.parameters():
+            p.mul_(0.5)
+    ckpt = save_ckpt(model, tmp_path / "ema.ckpt")
+    out = tmp_path / "out"
+    assert export.main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    written, averaged = load_file(str(out / "model.safetensors")), model.ema_tokenizer.state_dict()
+    assert written.keys() == averaged.keys() and all(torch.equal(written[k], averaged[k]) for k in written)
+    assert load_tokenizer(ckpt).weights_sha256() == model.ema_tokenizer.weights_sha256()  # evaluate, encode
+    assert load_tokenizer(ckpt).weights_sha256() != model.tokenizer.weights_sha256()
+    live = tokenizer_state(torch.load(ckpt, weights_only=True)["state_dict"])  # what a resume restores
+    assert all(torch.equal(live[k], v) for k, v in model.tokenizer.state_dict().items())
+    # An export holds one tokenizer: a model with a weight EMA starts it from the same weights.
+    loaded = VQVAEModel.from_pretrained(out, optimization={"ema_decay": 0.9})
+    assert loaded.ema_tokenizer is not None and loaded.ema_tokenizer is not loaded.tokenizer
+    assert loaded.ema_tokenizer.weights_sha256() == loaded.tokenizer.weights_sha256() == Tokenizer.from_pretrained(
+        out).weights_sha256()

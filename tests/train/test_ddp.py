@@ -141,14 +141,16 @@ def test_lightning_ddp_fit_keeps_codebooks_identical(tmp_path) -> None:
 
 
 class DiscriminatorsAgree(pl.Callback):
-    """VQ-GAN under DDP: both optimisers step and every rank keeps the same weights."""
+    """VQ-GAN under DDP: both optimisers step and every rank keeps the same weights (the weight EMA's too)."""
 
     def __init__(self, record: Path) -> None:
         self.record = record
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         discriminator = pl_module.objective.discriminator
-        for name, module in (("discriminator", discriminator), ("decoder", pl_module.tokenizer.decoder)):
+        parts = [("discriminator", discriminator), ("decoder", pl_module.tokenizer.decoder),
+                 ("EMA decoder", pl_module.ema_tokenizer.decoder)]
+        for name, module in parts:
             flat = torch.cat([p.detach().flatten() for p in module.parameters()])
             gathered = trainer.strategy.all_gather(flat)
             assert torch.equal(gathered[0], gathered[1]), f"{name} differs across ranks after batch {batch_idx}"
@@ -162,7 +164,8 @@ def test_vqgan_trains_under_ddp(tmp_path) -> None:
 
     g = torch.Generator().manual_seed(0)
     images = torch.rand(12, 3, 32, 32, generator=g) * 2 - 1
-    model = VQVAEModel(**model_kwargs(lambda_gan=0.5, adversarial={"disc_start": 1, "disc_norm": "group"}))
+    model = VQVAEModel(**model_kwargs(lambda_gan=0.5, adversarial={"disc_start": 1, "disc_norm": "group"},
+                                      optimization={"warmup_steps": 0, "ema_decay": 0.9}))
     trainer = tiny_trainer(devices=WORLD, strategy="ddp_spawn", default_root_dir=tmp_path,
                            callbacks=[DiscriminatorsAgree(tmp_path / "gan.txt"), EndProcessGroup()])
     trainer.fit(model, DataLoader(images, batch_size=2))

@@ -24,12 +24,14 @@ from ..nn.tokenizer import Tokenizer, image_side
 from ..nn.weights import CheckpointError
 
 __all__ = [
+    "EMA_PREFIX",
     "TOKENIZER_PREFIX",
     "CheckpointError",
     "atomic_replace",
     "fsync_dir",
     "load_tokenizer",
     "checkpoint_tokenizer",
+    "ema_tokenizer_state",
     "migrate_state_dict",
     "read_checkpoint",
     "os_error",
@@ -40,6 +42,7 @@ __all__ = [
 
 DATAMODULE_HPARAMS = "datamodule_hyper_parameters"  # where Lightning saves a data module's arguments
 TOKENIZER_PREFIX = "tokenizer."  # VQVAEModel.tokenizer's keys in a checkpoint's state dict
+EMA_PREFIX = "ema_tokenizer."  # its weight EMA (optimization.ema_decay > 0): what the tools use
 # animevq 0.1 kept the tokenizer's parts, the discriminator and LeCam's averages at the top
 # level of VQVAEModel; 0.2 composes them: old prefix → new prefix.
 _V01_LAYOUT = {
@@ -196,14 +199,20 @@ def migrate_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def tokenizer_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The tokenizer's own state dict inside a VQVAEModel's (either layout)."""
+    """The (live, trained) tokenizer's own state dict inside a VQVAEModel's (either layout)."""
     n = len(TOKENIZER_PREFIX)
     return {k[n:]: v for k, v in migrate_state_dict(state).items() if k.startswith(TOKENIZER_PREFIX)}
 
 
+def ema_tokenizer_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict of the tokenizer's weight EMA inside a VQVAEModel's; empty without one."""
+    n = len(EMA_PREFIX)
+    return {k[n:]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+
+
 def load_tokenizer(path: str | Path, *, map_location: str | torch.device = "cpu") -> Tokenizer:
-    """A :class:`Tokenizer` in eval mode from a Lightning ``.ckpt``, an exported folder or its
-    ``model.safetensors``.
+    """A :class:`Tokenizer` in eval mode from a Lightning ``.ckpt`` (its weight EMA where it has
+    one, see :func:`checkpoint_tokenizer`), an exported folder or its ``model.safetensors``.
 
     Raises:
         CheckpointError: the path is missing, not a checkpoint, unsafe or incompatible.
@@ -234,7 +243,8 @@ def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
 
 
 def checkpoint_tokenizer(checkpoint: Mapping[str, Any], *, source: str | Path) -> Tokenizer:
-    """The tokenizer (eval mode, CPU) of a checkpoint :func:`read_checkpoint` read from ``source``."""
+    """The tokenizer (eval mode, CPU) of a checkpoint :func:`read_checkpoint` read from ``source``:
+    its weight EMA where it has one (the weights validated during training), else its weights."""
     hparams = checkpoint.get("hyper_parameters")
     if not isinstance(hparams, Mapping):
         raise CheckpointError(
@@ -245,7 +255,8 @@ def checkpoint_tokenizer(checkpoint: Mapping[str, Any], *, source: str | Path) -
         config = TokenizerConfig.from_hparams(hparams)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"the hyperparameters in {source} do not build a tokenizer: {error}") from error
-    tokenizer = Tokenizer.from_state(config, tokenizer_state(checkpoint["state_dict"]), source=str(source))
+    state = ema_tokenizer_state(checkpoint["state_dict"]) or tokenizer_state(checkpoint["state_dict"])
+    tokenizer = Tokenizer.from_state(config, state, source=str(source))
     data = checkpoint.get(DATAMODULE_HPARAMS)  # what Lightning saved of the data module: its image_size
     tokenizer.training_image_size = image_side(data.get("image_size")) if isinstance(data, Mapping) else None
     return tokenizer

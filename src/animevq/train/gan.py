@@ -38,14 +38,17 @@ class GanStep:
     Args:
         accumulate_grad_batches: batches whose gradients add up before each step.
         grad_clip_norm: clip each optimiser's gradients to this global norm (None: no clipping).
+        after_generator_step: called after each step of the generator's optimiser (the weight EMA's step).
     """
 
     def __init__(self, tokenizer: Tokenizer, objective: Objective, guard: NonFiniteGuard, *,
-                 accumulate_grad_batches: int = 1, grad_clip_norm: float | None = None) -> None:
+                 accumulate_grad_batches: int = 1, grad_clip_norm: float | None = None,
+                 after_generator_step: Callable[[], None] | None = None) -> None:
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.tokenizer, self.objective, self.guard = tokenizer, objective, guard
         self.accumulate, self.grad_clip_norm = accumulate_grad_batches, grad_clip_norm
+        self.after_generator_step = after_generator_step
 
     @staticmethod
     def allow_unused_parameters(strategy: Any) -> None:
@@ -97,6 +100,8 @@ class GanStep:
         module.manual_backward(loss / self.accumulate)
         if boundary:
             self._step(module, opt_g, sch_g)
+            if self.after_generator_step is not None:
+                self.after_generator_step()
         module.untoggle_optimizer(opt_g)
 
         # Discriminator, on the detached reconstruction of the same forward (no second pass).

@@ -74,6 +74,9 @@ class NonFiniteGuard:
         self._snapshot: list[Any] | None = None
         self._host_decision = False
         self._verdict: torch.Tensor | None = None  # this batch's: 1.0 skip, 0.0 step (on the device)
+        # This batch's verdict decided on the device (True: skipped), kept past finish() until the
+        # next batch for what runs after the optimiser step (the weight EMA); None on the host.
+        self.device_skip: torch.Tensor | None = None
         self._counts: dict[str, torch.Tensor] = {}
         self._optimizers: list[torch.optim.Optimizer] = []
         self._agree: Callable[[bool], bool] = bool
@@ -128,6 +131,7 @@ class NonFiniteGuard:
 
     def snapshot(self) -> None:
         """Copy the state the coming batch changes: its forward does so before the loss is known."""
+        self.device_skip = None
         if not self.enabled:
             return
         self._host_decision = any(getattr(part, "decides_on_host", False) for part in self.stateful)
@@ -180,7 +184,7 @@ class NonFiniteGuard:
         for opt in self._optimizers:
             opt.found_inf = bad  # fused Adam: no update, step count unchanged
         self._verdict = bad
-        skip = bad.bool()
+        self.device_skip = skip = bad.bool()
         c = self._counts
         c["streak"] = torch.where(skip, c["streak"] + 1, 0)
         c["pending"] += skip

@@ -1,6 +1,7 @@
 """``VQVAEModel``: the seed's LightningModule (SPEC §1, §4, §5).
 
-It holds the :class:`~animevq.nn.Tokenizer` as ``self.tokenizer`` and composes it with the
+It holds the :class:`~animevq.nn.Tokenizer` as ``self.tokenizer`` (and, with ``ema_decay > 0``,
+its weight EMA as ``self.ema_tokenizer``, see :mod:`~animevq.train.ema`) and composes it with the
 training :class:`~animevq.train.objective.Objective`, VQ-GAN's :class:`~animevq.train.gan.GanStep`
 and the :class:`~animevq.train.guard.NonFiniteGuard`; this file wires them to Lightning's hooks.
 
@@ -30,21 +31,18 @@ from ..config import (
 from ..nn.config import QuantizerOptions
 from ..nn.quantizers import code_stats
 from ..nn.tokenizer import Tokenizer
-from ..nn.weights import check_state_dict
-from ..runs.checkpoint_io import migrate_state_dict, tokenizer_state
 from ..runs.last import LastCheckpoint
+from .checkpointing import LPIPS_PREFIX, load_training_state, save_training_state
+from .ema import ema_copy, ema_update
 from .gan import GanStep
 from .guard import NonFiniteGuard
 from .monitor import CodeUsage, TrainingMonitor, log_grid, log_usage_histogram, report
 from .objective import Objective, VQVAEOutput, family_losses
 from .optim import adam_options, apply_adam_options, make_scheduler
 from .pretrained import read_pretrained_model
-from .resumed import check_resumed_settings
 from .speed import speed_up
 
-__all__ = ["VQVAEModel", "VQVAEOutput"]
-
-LPIPS_PREFIX = "objective.lpips."  # the frozen LPIPS network: rebuilt from its weights file, never saved
+__all__ = ["LPIPS_PREFIX", "VQVAEModel", "VQVAEOutput"]
 
 
 class VQVAEModel(pl.LightningModule):
@@ -78,7 +76,7 @@ class VQVAEModel(pl.LightningModule):
             health, FSQ's levels, LFQ's entropy loss (see ``configs/quantizer/``).
         losses: Where LPIPS's VGG16 weights come from.
         adversarial: VQ-GAN's discriminator and its schedule.
-        optimization: Learning-rate schedule, gradient clipping, VQ-GAN's accumulation.
+        optimization: Learning-rate schedule, gradient clipping, VQ-GAN's accumulation, weight EMA.
         logging: The window behind the logged training code usage.
         speed: channels_last and torch.compile.
         safety: How many non-finite batches in a row are skipped before the run stops.
@@ -123,6 +121,8 @@ class VQVAEModel(pl.LightningModule):
         self.config = config = ModelConfig.build(seed, groups)
         self.save_hyperparameters(config.to_hparams())  # plain values only: checkpoints load weights_only
         self.tokenizer = Tokenizer(config.tokenizer)
+        # Copied before speed_up compiles the live networks; validated, evaluated and exported.
+        self.ema_tokenizer = ema_copy(self.tokenizer) if config.optimization.ema_decay > 0 else None
         self.objective = Objective(config.losses, config.adversarial, config.tokenizer.in_channels,
                                    self.tokenizer.quantizer.loss_weights)
         self.usage = CodeUsage(config.logging.usage_window, self.tokenizer.codebook_size)
@@ -134,7 +134,8 @@ class VQVAEModel(pl.LightningModule):
         if self.adversarial:
             self.gan_step = GanStep(self.tokenizer, self.objective, self.guard,
                                     accumulate_grad_batches=config.optimization.accumulate_grad_batches,
-                                    grad_clip_norm=config.optimization.grad_clip_norm)
+                                    grad_clip_norm=config.optimization.grad_clip_norm,
+                                    after_generator_step=self.update_ema)
             # Two optimisers stepped in one training_step: Lightning requires manual optimisation.
             self.automatic_optimization = False
 
@@ -144,19 +145,26 @@ class VQVAEModel(pl.LightningModule):
         return self.config.adversarial_on
 
     # ------------------------------------------------------------------ inference API
+    @property
+    def inference_tokenizer(self) -> Tokenizer:
+        """What ``forward``, ``encode`` and ``decode`` use: in eval mode (validation included) the
+        weight EMA when ``ema_decay > 0``, else, and always in training mode, the live tokenizer."""
+        return self.ema_tokenizer if self.ema_tokenizer is not None and not self.training else self.tokenizer
+
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
-        """Reconstruct ``x`` (B,C,H,W) in [-1,1] and compute every named loss and metric."""
-        tokenized = self.tokenizer(x)
+        """Reconstruct ``x`` (B,C,H,W) in [-1,1] with :attr:`inference_tokenizer` and compute every
+        named loss and metric."""
+        tokenized = self.inference_tokenizer(x)
         return VQVAEOutput.of(tokenized, self.objective(x, tokenized.reconstruction, tokenized.quantized),
                               tokenized.reconstruction)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B,C,H,W) in [-1,1] → code indices (B,h·w) int64 in [0,K). Never updates the codebook."""
-        return self.tokenizer.encode(x)
+        return self.inference_tokenizer.encode(x)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B,h·w) (square grid) or (B,h,w) → images (B,C,16h,16w) in [-1,1]."""
-        return self.tokenizer.decode(indices)
+        return self.inference_tokenizer.decode(indices)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, force_download: bool = False,
@@ -167,12 +175,14 @@ class VQVAEModel(pl.LightningModule):
         (the arguments of :meth:`Tokenizer.from_pretrained <animevq.nn.Tokenizer.from_pretrained>`).
         ``overrides`` set constructor arguments (seed parameters, or groups as mappings); LPIPS is
         off unless ``use_lpips=True`` is passed. A 0.1 export also brings its training settings;
-        a VQ-GAN's discriminator starts fresh (exports hold none)."""
+        a VQ-GAN's discriminator starts fresh (exports hold none), a weight EMA from the same weights."""
         hparams, tokenizer = read_pretrained_model(
             pretrained_model_name_or_path, overrides, revision=revision, cache_dir=cache_dir,
             force_download=force_download, local_files_only=local_files_only, token=token)
         model = cls(**hparams)
-        model.tokenizer.load_state_dict(tokenizer.state_dict())
+        for part in (model.tokenizer, model.ema_tokenizer):
+            if part is not None:
+                part.load_state_dict(tokenizer.state_dict())
         return model.eval().to(map_location)
 
     # ------------------------------------------------------------------ speed
@@ -295,15 +305,24 @@ class VQVAEModel(pl.LightningModule):
         return self.guard.streak > 0
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """Lightning's step, unless the guard skipped the batch (see ``training_step``)."""
-        if optimizer_closure is None:
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self.guard.skip_optimizer_step = False
-        loss = optimizer_closure()  # training_step and backward, as the optimizer would run them
-        if self.guard.skip_optimizer_step:
+        """Lightning's step (once per accumulated batch), unless the guard skipped the batch (see
+        ``training_step``); then the weight EMA's."""
+        if optimizer_closure is not None:
             self.guard.skip_optimizer_step = False
-            return None
-        return super().optimizer_step(epoch, batch_idx, optimizer, lambda: loss)
+            loss = optimizer_closure()  # training_step and backward, as the optimizer would run them
+            if self.guard.skip_optimizer_step:
+                self.guard.skip_optimizer_step = False
+                return
+            optimizer_closure = lambda: loss  # noqa: E731
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        """The weight EMA's step after each of the tokenizer's optimiser (none without ema_decay). A
+        batch the guard skipped leaves it as it was; a step a float16 loss scaler skipped does not."""
+        if self.ema_tokenizer is not None:
+            ema_update(self.ema_tokenizer, self.tokenizer, decay=self.config.optimization.ema_decay,
+                       skip=self.guard.device_skip)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Automatic optimisation (VQ-VAE): honour ``grad_clip_norm`` when the Trainer sets none."""
@@ -372,29 +391,7 @@ class VQVAEModel(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.guard.settle()  # the guard's total as of now
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(LPIPS_PREFIX)]:
-            del state[key]
-        checkpoint["animevq"] = {
-            "batches_seen": self.batches_seen,
-            "nonfinite_total": self.guard.total,
-            # Not in the state dict (exports stay lean), but the logged usage window continues.
-            "usage_history": self.usage.history.detach().clone(),
-        }
+        save_training_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        if isinstance(checkpoint.get("hyper_parameters"), dict):
-            check_resumed_settings(checkpoint["hyper_parameters"], self.config, str(source or "the checkpoint"))
-        checkpoint["state_dict"] = state = migrate_state_dict(checkpoint["state_dict"])
-        check_state_dict(self.tokenizer, tokenizer_state(state), source=str(source or "the checkpoint"))
-        if self.objective.lpips is not None:
-            for key, value in self.objective.lpips.state_dict().items():
-                state.setdefault(f"{LPIPS_PREFIX}{key}", value)
-        ours = checkpoint.get("animevq", {})
-        self.batches_seen = int(ours.get("batches_seen", 0))
-        self.guard.total = int(ours.get("nonfinite_total", 0))
-        history = ours.get("usage_history")
-        if isinstance(history, torch.Tensor) and history.shape == self.usage.history.shape:
-            self.usage.history.copy_(history)
+        load_training_state(self, checkpoint)

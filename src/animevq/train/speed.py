@@ -15,8 +15,9 @@ def speed_up(model: Any, speed: SpeedOptions, *, on_cuda: bool) -> None:
     """Put a VQVAEModel (its ``tokenizer`` and ``objective``) in NHWC memory format on CUDA, and
     compile its networks, as ``speed`` asks.
 
-    Compilation is in place (``Module.compile``), so state-dict keys stay the same. The
-    quantiser stays eager: it updates buffers in place and its cost is small. For VQ-GAN the
+    Compilation is in place (``Module.compile``), so state-dict keys stay the same. The weight
+    EMA (``ema_tokenizer``, copied before this; it runs only in validation) and the quantiser
+    (it updates buffers in place and costs little) stay eager. For VQ-GAN the
     decoder's head stays eager: the adaptive weight differentiates through its last conv alone,
     which a compiled backward could only do by running the whole decoder's backward.
     """
