@@ -94,3 +94,47 @@ def test_quantizer_training_step_never_waits_for_the_gpu(sampling: str) -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.z_q).all()
     assert int(out.stats.restarted) > 0  # restarts ran (1,024 codes, 2,048 vectors, threshold 1)
+
+
+FAMILY_GROUPS = {  # (seed parameters, quantizer group) of each family at 64 codes
+    "vq": ({"num_embeddings": 64, "embedding_dim": 32}, {"family": "vq"}),
+    "fsq": ({"num_embeddings": 64, "embedding_dim": 3}, {"family": "fsq", "levels": [4, 4, 4]}),
+    "lfq": ({"num_embeddings": 64, "embedding_dim": 6}, {"family": "lfq"}),
+    "simvq": ({"num_embeddings": 64, "embedding_dim": 32}, {"family": "simvq"}),
+    "ibq": ({"num_embeddings": 64, "embedding_dim": 32}, {"family": "ibq"}),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_GROUPS))
+def test_every_family_trains_in_bf16_with_weight_ema(tmp_path, family: str) -> None:
+    seed, group = FAMILY_GROUPS[family]
+    model = VQVAEModel(**merged(SMALL, dict(seed, quantizer=group, optimization={"warmup_steps": 0, "ema_decay": 0.9})))
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    start = model.ema_tokenizer.encoder.stem.weight.detach().clone()
+    trainer.fit(model, batches())
+    ema, live = model.ema_tokenizer.encoder.stem.weight.detach().cpu(), model.tokenizer.encoder.stem.weight.detach().cpu()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(ema, start) and not torch.equal(ema, live)  # it moved, and lags the live weights
+
+
+@pytest.mark.parametrize("family", list(FAMILY_GROUPS))
+def test_every_family_quantizes_without_waiting_for_the_gpu(family: str) -> None:
+    from animevq.nn.config import QuantizerOptions, quantizer_from_flat
+    from animevq.nn.quantizers import build_quantizer
+
+    seed, group = FAMILY_GROUPS[family]
+    q = build_quantizer(quantizer_from_flat(seed, QuantizerOptions(**group))).cuda().train()
+    z = torch.randn(8, q.embedding_dim, 16, 16, device="cuda", requires_grad=True)
+    q(z)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = q(z.bfloat16())
+        total = out.loss + out.z_q.float().square().mean()
+        total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.z_q.dtype == torch.float32 and torch.isfinite(z.grad).all()
+    assert 0 <= int(out.indices.min()) and int(out.indices.max()) < q.codebook_size
