@@ -90,7 +90,7 @@ def test_an_untrusted_or_broken_repo_is_refused_like_a_folder(tokenizer: Tokeniz
     def load() -> Tokenizer:
         return Tokenizer.from_pretrained(REPO, cache_dir=tmp_path / "cache", local_files_only=True)
 
-    huge = {**config, "quantizer": {**config["quantizer"], "num_embeddings": 2**24}}
+    huge = {**config, "codebook_size": 2**24, "quantizer": {**config["quantizer"], "num_embeddings": 2**24}}
     (snapshot / "config.json").write_text(json.dumps(huge))
     with pytest.raises(CheckpointError, match=r"shape mismatches .*quantizer\.embedding"):
         load()  # checked on the meta device: 2**24 codes are never allocated

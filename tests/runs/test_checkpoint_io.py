@@ -117,6 +117,8 @@ def test_tampered_hyperparameters_are_refused_naming_the_file(tmp_path: Path, ch
     config = json.loads((folder / "config.json").read_text())
     for key, value in change.items():
         (config["quantizer"] if key in QUANTIZER_KEYS else config)[key] = value
+        if key == "num_embeddings" and isinstance(value, int):  # a consistent tamper: K is written twice
+            config["codebook_size"] = value
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder))}.*{re.escape(message)}"):
         Tokenizer.from_pretrained(folder)

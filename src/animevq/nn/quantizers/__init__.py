@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from ..quantizer_config import FSQConfig, IBQConfig, SimVQConfig, VQConfig
+from ..quantizer_config import FSQConfig, IBQConfig, LFQConfig, SimVQConfig, VQConfig
 from .base import (
     Quantizer,
     QuantizerOutput,
@@ -17,6 +17,7 @@ from .base import (
 from .fsq import FiniteScalarQuantizer
 from .ibq import IndexBackpropagationQuantizer
 from .kmeans import lloyd, nearest_code
+from .lfq import LookupFreeQuantizer
 from .simvq import SimVQ
 from .vq_ema import VectorQuantizerEMA
 
@@ -24,6 +25,7 @@ __all__ = [
     "QUANTIZERS",
     "FiniteScalarQuantizer",
     "IndexBackpropagationQuantizer",
+    "LookupFreeQuantizer",
     "Quantizer",
     "QuantizerOutput",
     "QuantizerStats",
@@ -40,6 +42,7 @@ __all__ = [
 QUANTIZERS: dict[type, type[Quantizer]] = {  # config class → family
     VQConfig: VectorQuantizerEMA,
     FSQConfig: FiniteScalarQuantizer,
+    LFQConfig: LookupFreeQuantizer,
     SimVQConfig: SimVQ,
     IBQConfig: IndexBackpropagationQuantizer,
 }
