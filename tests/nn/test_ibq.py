@@ -22,9 +22,10 @@ BETA = 0.25
 WORLD = 2
 
 
-def make() -> IndexBackpropagationQuantizer:
+def make(entropy_weight: float = 0.0, temperature: float = 1.0) -> IndexBackpropagationQuantizer:
+    """The family without its entropy loss unless asked (the reference's quantizer default)."""
     torch.manual_seed(5)
-    return IndexBackpropagationQuantizer(K, D, BETA)
+    return IndexBackpropagationQuantizer(K, D, BETA, entropy_weight=entropy_weight, entropy_temperature=temperature)
 
 
 def latents(batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -55,7 +56,10 @@ def leaves64(q: IndexBackpropagationQuantizer, z: torch.Tensor) -> tuple[torch.T
 def test_built_from_its_config() -> None:
     q = build_quantizer(IBQConfig(num_embeddings=K, embedding_dim=D, commitment_cost=0.5))
     assert isinstance(q, IndexBackpropagationQuantizer) and (q.codebook_size, q.embedding_dim) == (K, D)
-    assert q.loss_weights == {"double_quant_loss": 1.0}
+    assert q.loss_weights == {"double_quant_loss": 1.0, "entropy_loss": 0.05}  # the reference recipe's weight
+    assert IndexBackpropagationQuantizer(K, D).config.entropy_weight == 0.05
+    with pytest.raises(ValueError, match="ibq needs entropy_temperature > 0"):
+        IBQConfig(entropy_temperature=0.0)
     assert [name for name, _ in q.named_parameters()] == ["embedding"] and q.codebook.shape == (K, D)
 
 
@@ -158,6 +162,52 @@ def test_bf16_autocast_computes_in_float32() -> None:
     assert torch.equal(indices, out.indices) and torch.equal(out.indices, q(z.bfloat16().float()).indices)
 
 
+def test_entropy_loss_is_magvit2s_over_the_softmax_of_the_logits() -> None:
+    tau = 0.7
+    q = make(entropy_weight=0.2, temperature=tau)
+    z = latents().requires_grad_()
+    out = q(z)
+    c64, z64 = leaves64(q, z)
+    logits = torch.einsum("bdhw,nd->bhwn", z64, c64).reshape(-1, K) / tau
+    p = logits.softmax(1)
+    sample = -(p * p.log()).sum(1).mean()
+    mean = p.mean(0)
+    ref = sample + (mean * mean.log()).sum()  # E[H(q)] − H(E[q]), both weights 1
+    assert torch.allclose(out.losses["entropy_loss"].double(), ref, atol=1e-6)
+    ref_total = reference64(c64, z64)
+    quant = ref_total["vq_loss"] + BETA * ref_total["commitment_loss"] + ref_total["double_quant_loss"]
+    assert torch.allclose(out.loss.double(), quant + 0.2 * ref, atol=1e-6)
+    out.losses["entropy_loss"].backward()
+    ref.backward()
+    assert torch.allclose(q.embedding.grad.double(), c64.grad, atol=1e-6)
+    assert torch.allclose(z.grad.double(), z64.grad, atol=1e-6)
+    assert "entropy_loss" not in make()(latents()).losses  # weight 0: not computed
+
+
+def test_the_entropy_loss_keeps_a_collapsing_codebook_in_use() -> None:
+    """One code of large norm wins every inner product; training on the family's loss alone,
+    the entropy loss spreads the choices over many codes, and without it they stay on one."""
+    z = latents(8, seed=3)
+
+    def codes_in_use(entropy_weight: float) -> int:
+        q = make(entropy_weight=entropy_weight, temperature=1.0)
+        with torch.no_grad():
+            q.embedding[0] = 2.0  # a code of large norm along (1,1,1,1)
+        encoder = torch.nn.Conv2d(D, D, 1)
+        with torch.no_grad():
+            encoder.weight.copy_(torch.eye(D).view(D, D, 1, 1))
+            encoder.bias.fill_(2.0)  # every latent points along that code
+        opt = torch.optim.Adam([*encoder.parameters(), q.embedding], lr=0.05)
+        assert int(q(encoder(z)).stats.counts.gt(0).sum()) == 1
+        for _ in range(60):
+            opt.zero_grad()
+            q(encoder(z)).loss.backward()
+            opt.step()
+        return int(q(encoder(z)).stats.counts.gt(0).sum())
+
+    assert codes_in_use(1.0) >= 24 and codes_in_use(0.0) <= 8  # measured: 33 and 4 of the 64
+
+
 # DDP: each rank takes half of one global batch; averaged gradients equal one process's.
 
 
@@ -183,7 +233,7 @@ def worker(rank: int, port: int, result_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         z = latents(2 * WORLD)[2 * rank : 2 * rank + 2]
-        grads, counts = objective(make(), z)
+        grads, counts = objective(make(entropy_weight=0.05), z)
         dist.all_reduce(grads)
         torch.save({"grads": grads / WORLD, "counts": counts}, Path(result_dir) / f"rank{rank}.pt")
     finally:
@@ -194,7 +244,7 @@ def worker(rank: int, port: int, result_dir: str) -> None:
 def test_ddp_halves_average_to_the_global_batch(tmp_path: Path) -> None:
     mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    grads, counts = objective(make(), latents(2 * WORLD))
+    grads, counts = objective(make(entropy_weight=0.05), latents(2 * WORLD))  # the entropy is of the global batch
     assert (grads.view(K, D).abs().sum(1) > 0).all()
     for result in ranks:
         assert torch.allclose(result["grads"], grads, atol=1e-6)

@@ -227,10 +227,23 @@ class IBQConfig(Checked):
     """Code dimension D."""
     commitment_cost: float = VQConfig.commitment_cost
     """β of the commitment term in the quantizer's own loss; VQVAEModel uses ``lambda_commit``."""
+    entropy_weight: float = 0.05
+    """Weight of MAGVIT-v2's entropy loss over softmax(⟨z, c_k⟩/τ) in the training objective (the
+    reference recipe's 0.05; 0 turns it off). Without it the inner-product argmax can collapse
+    onto a few codes of large norm."""
+    sample_entropy_weight: float = LFQConfig.sample_entropy_weight
+    """Weight of the per-sample entropy, which is minimised."""
+    codebook_entropy_weight: float = LFQConfig.codebook_entropy_weight
+    """Weight of the codebook entropy of the batch mean, which is maximised."""
+    entropy_temperature: float = LFQConfig.entropy_temperature
+    """τ of that softmax."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_size("ibq", self.num_embeddings, self.embedding_dim)
+        if self.entropy_temperature <= 0 or self.entropy_weight < 0:
+            raise ValueError(f"ibq needs entropy_temperature > 0 and entropy_weight >= 0, got "
+                             f"{self.entropy_temperature}, {self.entropy_weight}")
 
     @property
     def codebook_size(self) -> int:
@@ -270,13 +283,13 @@ class QuantizerOptions(Checked):
     levels: tuple[int, ...] | None = None
     """fsq: values per channel (default [8,5,5,5])."""
     entropy_weight: float | None = None
-    """lfq: weight of the entropy loss (default 0.1)."""
+    """lfq, ibq: weight of the entropy loss (default 0.1 for lfq, 0.05 for ibq)."""
     sample_entropy_weight: float | None = None
-    """lfq: weight of the per-sample entropy term (default 1.0)."""
+    """lfq, ibq: weight of the per-sample entropy term (default 1.0)."""
     codebook_entropy_weight: float | None = None
-    """lfq: weight of the codebook entropy term (default 1.0)."""
+    """lfq, ibq: weight of the codebook entropy term (default 1.0)."""
     entropy_temperature: float | None = None
-    """lfq: temperature of the soft assignment (default 0.01)."""
+    """lfq, ibq: temperature of the soft assignment (default 0.01)."""
     entropy_group_bits: int | None = None
     """lfq: bits per group of the codebook entropy (default 10)."""
 

@@ -20,7 +20,9 @@ with z_q_hard = hard · C and each ‖·‖² a mean over all values. Its terms 
 ``double_quant_loss`` (the first, with gradient to the encoder and, through the one-hot, to
 every code), ``commitment_loss`` and ``vq_loss``. As in VQ-VAE (eq. 3) β weighs the
 commitment term; the reference puts it on the codebook term (taming's legacy order). The
-reference's optional entropy loss is not part of this family.
+reference's training recipe adds MAGVIT-v2's entropy loss over softmax(l/τ) with weight 0.05
+(``configs/IBQ/gpu/imagenet_ibqgan_*.yaml``), here ``entropy_loss`` (``entropy_weight``; 0 turns
+it off): without it the argmax of inner products collapses onto a few codes.
 
 Shapes: B batch, D code dimension, h×w latent grid, N = B·h·w vectors, K codes.
 """
@@ -33,6 +35,7 @@ from torch import nn
 
 from ..quantizer_config import IBQConfig
 from .base import Quantizer, QuantizerOutput, QuantizerStats, code_counts, code_stats
+from .entropy import softmax_entropy_loss
 from .kmeans import DISTANCE_CHUNK_ELEMENTS, _full_float32
 
 __all__ = ["IndexBackpropagationQuantizer", "best_code"]
@@ -68,10 +71,17 @@ class IndexBackpropagationQuantizer(Quantizer):
         num_embeddings: int = _D.num_embeddings,
         embedding_dim: int = _D.embedding_dim,
         commitment_cost: float = _D.commitment_cost,
+        *,
+        entropy_weight: float = _D.entropy_weight,
+        sample_entropy_weight: float = _D.sample_entropy_weight,
+        codebook_entropy_weight: float = _D.codebook_entropy_weight,
+        entropy_temperature: float = _D.entropy_temperature,
     ) -> None:
         super().__init__()
-        self.config = IBQConfig(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
-                                commitment_cost=commitment_cost)  # validates every setting
+        self.config = IBQConfig(  # validates every setting
+            num_embeddings=num_embeddings, embedding_dim=embedding_dim, commitment_cost=commitment_cost,
+            entropy_weight=entropy_weight, sample_entropy_weight=sample_entropy_weight,
+            codebook_entropy_weight=codebook_entropy_weight, entropy_temperature=entropy_temperature)
         self.num_embeddings, self._embedding_dim = num_embeddings, embedding_dim
         self.commitment_cost = commitment_cost
         # N(0,1): the reference's nn.Embedding default (its VectorQuantizer's uniform ±1/K
@@ -80,7 +90,10 @@ class IndexBackpropagationQuantizer(Quantizer):
 
     @classmethod
     def from_config(cls, config: IBQConfig) -> IndexBackpropagationQuantizer:
-        return cls(config.num_embeddings, config.embedding_dim, config.commitment_cost)
+        return cls(config.num_embeddings, config.embedding_dim, config.commitment_cost,
+                   entropy_weight=config.entropy_weight, sample_entropy_weight=config.sample_entropy_weight,
+                   codebook_entropy_weight=config.codebook_entropy_weight,
+                   entropy_temperature=config.entropy_temperature)
 
     @property
     def codebook_size(self) -> int:
@@ -97,7 +110,7 @@ class IndexBackpropagationQuantizer(Quantizer):
 
     @property
     def loss_weights(self) -> dict[str, float]:
-        return {"double_quant_loss": DOUBLE_QUANT_WEIGHT}
+        return {"double_quant_loss": DOUBLE_QUANT_WEIGHT, "entropy_loss": self.config.entropy_weight}
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for indices: (B,h,w) → (B,D,h,w)."""
@@ -125,7 +138,10 @@ class IndexBackpropagationQuantizer(Quantizer):
             with _full_float32():
                 logits = flat @ codebook.t()  # (N,K) l_k = ⟨z, c_k⟩
             indices = logits.argmax(dim=1)  # (N,)
-            soft = logits.softmax(dim=1)  # (N,K); autograd keeps only this, not the logits
+            soft = logits.softmax(dim=1)  # (N,K)
+            cfg = self.config
+            entropy = (softmax_entropy_loss(logits, cfg.entropy_temperature, cfg.sample_entropy_weight,
+                                            cfg.codebook_entropy_weight) if cfg.entropy_weight > 0 else None)
             del logits
             # one_hot·C without the (N,K) one-hots: hard·C is a gather, and the soft part
             # soft·sg[C] − sg[soft·C] is zero in value, so z_q is exactly the hard code, with
@@ -140,11 +156,15 @@ class IndexBackpropagationQuantizer(Quantizer):
             counts = code_counts(indices, self.num_embeddings)  # (K,)
             perplexity, usage = code_stats(counts)
         losses = {"vq_loss": vq_loss, "commitment_loss": commitment_loss, "double_quant_loss": double_quant_loss}
+        loss = vq_loss + self.commitment_cost * commitment_loss + DOUBLE_QUANT_WEIGHT * double_quant_loss
+        if entropy is not None:
+            losses["entropy_loss"] = entropy
+            loss = loss + cfg.entropy_weight * entropy
         return QuantizerOutput(
             z_q=z_q.view_as(z).permute(0, 3, 1, 2),  # (N,D) → (B,h,w,D) → (B,D,h,w)
             indices=indices.view(z.shape[:-1]),  # (N,) → (B,h,w)
             losses=losses,
-            loss=vq_loss + self.commitment_cost * commitment_loss + DOUBLE_QUANT_WEIGHT * double_quant_loss,
+            loss=loss,
             stats=QuantizerStats(counts=counts, perplexity=perplexity, code_usage_rate=usage,
                                  restarted=torch.zeros((), dtype=torch.long, device=z.device)),
         )

@@ -20,11 +20,11 @@ Shapes: B batch, D bits, h×w latent grid, N = B·h·w vectors, K = 2^D.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..quantizer_config import LFQConfig
 from .base import Quantizer, QuantizerOutput, QuantizerStats, code_counts, code_stats
+from .entropy import entropy, global_mean
 
 __all__ = ["LookupFreeQuantizer", "bit_groups"]
 
@@ -35,32 +35,6 @@ def bit_groups(bits: int, most: int) -> list[int]:
     """Sizes of the fewest groups of at most ``most`` bits that split ``bits`` as evenly as possible."""
     count = -(-bits // most)
     return [bits // count + (1 if i < bits % count else 0) for i in range(count)]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """all_reduce(sum) whose gradient is all_reduce(sum) too: every rank's loss depends on every
-    rank's inputs, so, after DDP averages the ranks' gradients, each input gets the gradient of
-    one process on the global batch."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        out = tensor.clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
 
 
 class LookupFreeQuantizer(Quantizer):
@@ -143,21 +117,14 @@ class LookupFreeQuantizer(Quantizer):
         logits = 4 * z / cfg.entropy_temperature  # (N,D): log-odds of bit i being +1
         log_plus, log_minus = -F.softplus(-logits), -F.softplus(logits)  # log σ(a), log(1 − σ(a))
         sample = (log_plus.exp() * -log_plus + log_minus.exp() * -log_minus).sum(1).mean()
-        count = torch.tensor(float(z.shape[0]), device=z.device)
         sums, start = [], 0
         for g, table in zip(self.groups, self._on(z.device)[1]):
             lp, lm = log_plus[:, start:start + g], log_minus[:, start:start + g]
             log_q = lp @ table.T + lm @ (1 - table).T  # (N, 2^g) log-probabilities of the group's codes
             sums.append(log_q.exp().sum(0))
             start += g
-        total = torch.cat([*sums, count.view(1)])  # one collective for every group and the count
-        if _distributed():
-            total = _SumOverRanks.apply(total)
-        mean_probs, offset = [], 0
-        for s in sums:
-            mean_probs.append(total[offset:offset + s.numel()] / total[-1])
-            offset += s.numel()
-        codebook = sum(_entropy(p) for p in mean_probs)
+        mean_probs = global_mean(sums, z.shape[0])
+        codebook = sum(entropy(p) for p in mean_probs)
         return cfg.sample_entropy_weight * sample - cfg.codebook_entropy_weight * codebook
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
