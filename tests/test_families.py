@@ -113,3 +113,18 @@ def test_fit_with_the_family_overlay_then_every_tool(family: str, tmp_path: Path
     assert exported["codebook_size"] == k and exported["quantizer"]["family"] == family
     tokenizer = Tokenizer.from_pretrained(tmp_path / "export")
     assert tokenizer.codebook_size == k
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "vqvae-anime-256", "vqgan-anime-256"])
+@pytest.mark.parametrize("overlay", sorted(p.stem for p in (ROOT / "configs" / "quantizer").glob("*.yaml")))
+def test_every_overlay_applies_over_every_preset(preset: str, overlay: str) -> None:
+    """The overlay's K and D win over the preset's, and the family's config takes them."""
+    from animevq.nn.quantizer_config import QuantizerOptions, quantizer_from_flat
+
+    model = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())["model"]
+    extra = yaml.safe_load((ROOT / "configs" / "quantizer" / f"{overlay}.yaml").read_text())["model"]
+    group = {**model.get("quantizer", {}), **extra.pop("quantizer")}
+    seed = {**model, **extra}
+    config = quantizer_from_flat(seed, QuantizerOptions(**group))
+    assert config.family == overlay.split("-")[0]
+    assert config.codebook_size == seed.get("num_embeddings", VQConfig.num_embeddings)
