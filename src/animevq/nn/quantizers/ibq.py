@@ -29,6 +29,8 @@ Shapes: B batch, D code dimension, h×w latent grid, N = B·h·w vectors, K code
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,10 +92,7 @@ class IndexBackpropagationQuantizer(Quantizer):
 
     @classmethod
     def from_config(cls, config: IBQConfig) -> IndexBackpropagationQuantizer:
-        return cls(config.num_embeddings, config.embedding_dim, config.commitment_cost,
-                   entropy_weight=config.entropy_weight, sample_entropy_weight=config.sample_entropy_weight,
-                   codebook_entropy_weight=config.codebook_entropy_weight,
-                   entropy_temperature=config.entropy_temperature)
+        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})  # its fields are the arguments
 
     @property
     def codebook_size(self) -> int:

@@ -19,6 +19,8 @@ Shapes: B batch, D bits, h×w latent grid, N = B·h·w vectors, K = 2^D.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.nn.functional as F
 
@@ -62,10 +64,7 @@ class LookupFreeQuantizer(Quantizer):
 
     @classmethod
     def from_config(cls, config: LFQConfig) -> LookupFreeQuantizer:
-        return cls(config.embedding_dim, commitment_cost=config.commitment_cost,
-                   entropy_weight=config.entropy_weight, sample_entropy_weight=config.sample_entropy_weight,
-                   codebook_entropy_weight=config.codebook_entropy_weight,
-                   entropy_temperature=config.entropy_temperature, entropy_group_bits=config.entropy_group_bits)
+        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})  # its fields are the arguments
 
     @property
     def codebook_size(self) -> int:

@@ -14,6 +14,8 @@ Shapes: B batch, D code dimension, h×w latent grid, N = B·h·w vectors, K code
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +62,7 @@ class SimVQ(Quantizer):
 
     @classmethod
     def from_config(cls, config: SimVQConfig) -> SimVQ:
-        return cls(config.num_embeddings, config.embedding_dim, config.commitment_cost, seed=config.seed)
+        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})  # its fields are the arguments
 
     @property
     def codebook_size(self) -> int:
