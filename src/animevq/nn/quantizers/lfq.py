@@ -133,14 +133,14 @@ class LookupFreeQuantizer(Quantizer):
             z = z_e.float()
             codes = torch.where(z > 0, 1.0, -1.0)  # (B,D,h,w)
             commitment_loss = F.mse_loss(z, codes)  # ‖z − sg[q(z)]‖² (codes carry no gradient)
-            entropy = self.entropy_loss(z.permute(0, 2, 3, 1).reshape(-1, self.embedding_dim))
+            entropy_term = self.entropy_loss(z.permute(0, 2, 3, 1).reshape(-1, self.embedding_dim))
             z_q = codes + (z - z.detach())  # value exactly the code, gradient the identity
             indices = self._index(z)
             counts = code_counts(indices, self.codebook_size)
             perplexity, usage = code_stats(counts)
         return QuantizerOutput(
-            z_q=z_q, indices=indices, losses={"commitment_loss": commitment_loss, "entropy_loss": entropy},
-            loss=self.config.commitment_cost * commitment_loss + self.config.entropy_weight * entropy,
+            z_q=z_q, indices=indices, losses={"commitment_loss": commitment_loss, "entropy_loss": entropy_term},
+            loss=self.config.commitment_cost * commitment_loss + self.config.entropy_weight * entropy_term,
             stats=QuantizerStats(counts=counts, perplexity=perplexity, code_usage_rate=usage,
                                  restarted=torch.zeros((), dtype=torch.long, device=z_e.device)),
         )
