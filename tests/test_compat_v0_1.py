@@ -39,7 +39,8 @@ def test_checkpoints_and_exports_give_the_same_codes_and_images(path: str) -> No
     x = _array("inputs.npy")
     grid = tokenizer.encode(x)
     assert torch.equal(grid, _array(codes_name))
-    assert torch.equal(tokenizer.decode(grid), _array(decoded_name))
+    # Bit for bit where this CPU rounds as 0.1.0's did; other CPUs' kernels differ by ~1e-8.
+    torch.testing.assert_close(tokenizer.decode(grid), _array(decoded_name), rtol=1e-6, atol=1e-7)
     with torch.no_grad():  # float rounding only: 0.1.0's process differed in thread state
         torch.testing.assert_close(tokenizer(x).reconstruction, _array(reconstructed_name))
 
@@ -88,6 +89,33 @@ def test_export_and_evaluate_take_a_0_1_checkpoint(tmp_path: Path) -> None:
     assert report["num_images"] == 8 and report["model_sha256"] == again.weights_sha256()
 
 
+def _rounds_as_0_1_did() -> bool:
+    """Whether this CPU's kernels give 0.1.0's decodings bit for bit (the fixtures' machine's
+    did; a CPU with other vector units differs in the last bits)."""
+    tokenizer = load_tokenizer(V010 / "export")
+    return torch.equal(tokenizer.decode(_array("codes.npy")), _array("decoded.npy"))
+
+
+def assert_resumed_as_0_1(tmp_path: Path, name: str, model: dict, last: Path) -> None:
+    """The weights a resume of a 0.1.0 run ends in are those 0.1.0 reached: by its recorded hash
+    where this CPU rounds as the fixtures' machine did, else (the hash cannot match) those of an
+    uninterrupted two-epoch run of the same config here, to float rounding."""
+    expected = json.loads((V010 / name / "resumed.json").read_text())
+    if _rounds_as_0_1_did():
+        assert load_tokenizer(last).weights_sha256() == expected["weights_sha256"]
+        return
+    config = yaml.safe_load(_run_folder(tmp_path / "fresh", name, model, epochs=2).read_text())
+    config["run_dir"] = "uninterrupted"
+    (tmp_path / "fresh" / "uninterrupted.yaml").write_text(yaml.safe_dump(config))
+    result = run_animevq("fit", "--config", "uninterrupted.yaml", cwd=tmp_path / "fresh", timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    fresh = load_tokenizer(tmp_path / "fresh" / "uninterrupted" / "checkpoints" / "last.ckpt").state_dict()
+    resumed = load_tokenizer(last).state_dict()
+    assert resumed.keys() == fresh.keys()
+    for key, value in resumed.items():
+        torch.testing.assert_close(value, fresh[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def _run_folder(tmp_path: Path, name: str, model: dict, epochs: int) -> Path:
     """A copy of a 0.1.0 run folder and a 0.2 config that continues it (the config's keys moved
     into groups; the fixture's discriminator is 8 filters wide, see make.py)."""
@@ -119,7 +147,7 @@ def test_a_0_1_run_resumes_to_the_weights_0_1_reached(tmp_path: Path, name: str,
     saved = torch.load(last, weights_only=True)
     assert saved["animevq"]["batches_seen"] == expected["batches_seen"]
     assert saved["global_step"] == expected["global_step"]
-    assert load_tokenizer(last).weights_sha256() == expected["weights_sha256"]
+    assert_resumed_as_0_1(tmp_path, name, model, last)
 
 
 @pytest.mark.slow
@@ -133,8 +161,7 @@ def test_a_0_1_checkpoint_given_by_path_validates_and_resumes(tmp_path: Path) ->
     assert "val/recon_loss" in result.stdout
     result = run_animevq("fit", "--config", str(config), "--ckpt_path", str(ckpt), cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
-    expected = json.loads((V010 / "vqvae" / "resumed.json").read_text())
-    assert load_tokenizer(tmp_path / "vqvae/checkpoints/last.ckpt").weights_sha256() == expected["weights_sha256"]
+    assert_resumed_as_0_1(tmp_path, "vqvae", {}, tmp_path / "vqvae/checkpoints/last.ckpt")
 
 
 def test_a_0_1_config_file_names_where_each_moved_option_went(capsys: pytest.CaptureFixture[str]) -> None:
