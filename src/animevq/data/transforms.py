@@ -1,5 +1,6 @@
 """From a decoded RGB image to a training tensor: the square crop, the bicubic resize that
-keeps every crop of one image on one sampling grid, and the conversion to [-1,1]."""
+keeps every crop of one image on one sampling grid, the conversion to [-1,1], and the
+stored form of ``animevq prepare`` (an image resized once, cropped at each read)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,45 @@ def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     scaled /= 127.5  # division, not a reciprocal multiply: 255 maps to exactly 1.0
     scaled -= 1.0
     return torch.from_numpy(scaled)
+
+
+def stored_image(image: Image.Image, size: int, max_aspect: float) -> np.ndarray:
+    """RGB image (W,H) → uint8 (H',W',3) with short side ``size`` and long side
+    L ≤ size·max_aspect, L − size even, the long axis centre-cropped beyond L.
+
+    Why this shape: a variable long side keeps the training crop's random position along
+    the long axis meaningful (a stored centre square would drop a third of a 2:3
+    illustration); the cap (2·size keeps 2:3 and 9:16 whole) stops a 20000×8 strip from
+    becoming 640000×256. The resize box is centred and scaled like the raw folder's crop
+    (short side → size), so the centre size×size crop of the result equals
+    ``crop_resize(image, size)`` (up to rare one-level roundings: see :func:`resize_box`).
+    """
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    target = min(math.floor(long * size / short), math.floor(size * max_aspect))
+    target = max(size, target - (target - size) % 2)
+    span = target * short / size  # source pixels along the long axis that L covers
+    start = (long - span) / 2
+    if width >= height:
+        return np.asarray(resize_box(image, (target, size), (start, 0, start + span, height)))
+    return np.asarray(resize_box(image, (size, target), (0, start, width, start + span)))
+
+
+def stored_crop(pixels: np.ndarray, image_size: int, offset: float, flip: bool) -> torch.Tensor:
+    """A stored image (H,W,3) uint8 (:func:`stored_image`) → the training tensor (3,S,S).
+
+    The square of side min(H,W) at ``offset`` ∈ [0,1] along the long axis (rounded to whole
+    stored pixels; 0.5, the centre, for validation), flipped left-right if ``flip``. At
+    S = the stored short side the crop is an array slice; a smaller S resizes it as the raw
+    folder's :func:`crop_resize` does.
+    """
+    height, width = pixels.shape[:2]
+    side = min(height, width)
+    if image_size != side:
+        crop = np.asarray(crop_resize(Image.fromarray(np.asarray(pixels)), image_size, offset))
+    else:
+        start = round(offset * (max(height, width) - side))  # (long - side) / 2 at the centre
+        crop = pixels[:, start : start + side] if width > height else pixels[start : start + side]
+    if flip:
+        crop = crop[:, ::-1]
+    return to_tensor(crop)  # (3,S,S)
