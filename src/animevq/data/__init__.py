@@ -1,5 +1,5 @@
 """Data: robust image decoding, the image-folder dataset and ``AnimeDataModule``, and the
-prepared format (``animevq prepare``) that it reads without decoding.
+prepared LitData datasets (``animevq prepare``) that it streams without decoding.
 
 Batches are float tensors (B,3,S,S) in [-1,1]. Files that cannot be used are skipped with
 a :class:`SkipReason`, counted in ``AnimeDataModule.skipped`` and reported each epoch by
@@ -7,6 +7,12 @@ the :class:`DataReport` callback.
 """
 
 from __future__ import annotations
+
+import os
+
+# LitData asks PyPI for a newer version of itself (30 s timeout) at each first use; animevq
+# never reaches the network on its own, and clusters without internet would wait each run.
+os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
 from animevq.data.datamodule import AnimeDataModule, default_num_workers
 from animevq.data.dataset import EpochSampler, ImageFolderDataset, SampleKey, SkipLedger, SkipReport
@@ -19,7 +25,7 @@ from animevq.data.images import (
     to_rgb,
 )
 from animevq.data.prepare import PrepareOptions, PrepareResult, prepare_folder
-from animevq.data.prepared import PreparedDataset, PreparedFolder, is_prepared, read_prepared
+from animevq.data.store import SkippedFile, StoreInfo, is_url, read_info
 from animevq.data.report import DataReport
 from animevq.data.resumable import LoaderPosition, ResumableDataLoader, make_resumable
 from animevq.data.transforms import crop_resize, resize_box, to_tensor
@@ -35,8 +41,8 @@ __all__ = [
     "LoaderPosition",
     "PrepareOptions",
     "PrepareResult",
-    "PreparedDataset",
-    "PreparedFolder",
+    "SkippedFile",
+    "StoreInfo",
     "ResumableDataLoader",
     "SampleKey",
     "SkipLedger",
@@ -46,11 +52,11 @@ __all__ = [
     "crop_resize",
     "default_num_workers",
     "find_images",
-    "is_prepared",
+    "is_url",
     "load_image",
     "make_resumable",
     "prepare_folder",
-    "read_prepared",
+    "read_info",
     "resize_box",
     "sample_dir",
     "split_by_hash",

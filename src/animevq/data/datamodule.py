@@ -6,8 +6,9 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -19,16 +20,10 @@ from animevq.data.images import (
     DEFAULT_MAX_DECODED_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
-    SkipReason,
 )
 from animevq.data.names import shown
-from animevq.data.prepared import (
-    INDEX_NAME,
-    PreparedDataset,
-    PreparedFolder,
-    is_prepared,
-    read_prepared,
-)
+from animevq.data.legacy import is_legacy
+from animevq.data.store import INFO_NAME, StoreInfo, is_url, read_info
 
 log = logging.getLogger(__name__)
 _warn_once = rank_zero_only(log.warning)
@@ -91,17 +86,18 @@ class AnimeDataModule(LightningDataModule):
     image, so batch shapes hold. ``skipped`` counts skipped files by reason; add the
     :class:`~animevq.data.DataReport` callback for a warning at each epoch end.
 
-    ``data_dir`` may also be a folder written by ``animevq prepare SRC DST`` (it has a
-    ``manifest.json``): images are then read from memory-mapped shards without decoding,
-    with the same split (by source path), the same augmentation draws and the same
-    validation crops as ``SRC`` itself; files skipped while preparing are reported as
-    skipped. ``image_size`` must not exceed the prepared size; the prepared folder's own
-    ``--min_image_size``, ``--max_image_pixels`` and ``--max_image_bytes`` apply instead of
-    this module's.
+    ``data_dir`` may also be a dataset written by ``animevq prepare SRC DST``, in a folder or
+    under an object-store URL (``s3://bucket/prefix``, ``gs://…``; credentials from the
+    environment): it is then streamed with LitData (:mod:`animevq.data.streaming`), without
+    decoding, split by whole chunks in an order fixed by ``seed``, shuffled per epoch from
+    ``seed``, disjoint across ranks and resumable mid-epoch. Remote chunks are downloaded
+    ahead into ``cache_dir``, which holds at most ``max_cache_size``. ``image_size`` must not
+    exceed the prepared size; the dataset's own ``--min_image_size``, ``--max_image_pixels``
+    and ``--max_image_bytes`` apply instead of this module's.
 
     Args:
-        data_dir: folder of images, or a prepared folder; None uses the sample folder
-            shipped in the package.
+        data_dir: folder of images, or a prepared dataset (folder or URL); None uses the
+            sample folder shipped in the package.
         batch_size: images per batch (per device).
         val_split: expected fraction of files in validation, in [0, 1). With >= 2 files
             and val_split > 0, val and train each get at least one file.
@@ -116,6 +112,10 @@ class AnimeDataModule(LightningDataModule):
         min_image_size: files with a shorter side are skipped as ``too_small``.
         random_flip: flip training crops horizontally with probability 1/2.
         drop_last: drop the last incomplete training batch (kept if it is the only one).
+        cache_dir: where a prepared dataset's remote chunks are cached (None: LitData's
+            default, ``~/.lightning/chunks``); ignored for local data.
+        max_cache_size: the most that cache holds, e.g. ``"50GB"`` (None: LitData's rule,
+            75 % of the free disk); chunks already read are evicted first.
     """
 
     def __init__(
@@ -134,6 +134,8 @@ class AnimeDataModule(LightningDataModule):
         min_image_size: int = DEFAULT_MIN_SIDE,
         random_flip: bool = True,
         drop_last: bool = True,
+        cache_dir: str | None = None,
+        max_cache_size: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -161,20 +163,33 @@ class AnimeDataModule(LightningDataModule):
         self.min_image_size = min_image_size
         self.random_flip = random_flip
         self.drop_last = drop_last
+        self.cache_dir = cache_dir
+        self.max_cache_size = max_cache_size
+        self.store: StoreInfo | None = None  # a prepared dataset's description, once set up
         # Filled by setup(); no file I/O in the constructor.
         self.discovery: Discovery | None = None
         self.ledger: SkipLedger | None = None
-        self.train_dataset: ImageFolderDataset | PreparedDataset | None = None
-        self.val_dataset: ImageFolderDataset | PreparedDataset | None = None
+        self.train_dataset: Any = None  # an ImageFolderDataset, or an ImageStream
+        self.val_dataset: Any = None
 
     def setup(self, stage: str | None = None) -> None:
         """List and split the files (once; later calls reuse the listing)."""
         if self.discovery is not None:
             return
         data_dir = sample_dir() if self.data_dir is None else self.data_dir
-        if is_prepared(data_dir):
-            self._setup_prepared(read_prepared(data_dir))
+        info = read_info(data_dir) if is_url(data_dir) or os.path.isdir(data_dir) else None
+        if info is not None:
+            self._setup_stream(info)
             return
+        if is_url(data_dir):
+            raise ValueError(f"data_dir {data_dir} holds no dataset prepared by animevq (no "
+                             f"{INFO_NAME}); write one with `animevq prepare SRC {data_dir}`")
+        if is_legacy(data_dir):
+            raise ValueError(
+                f"data_dir {shown(data_dir)} was prepared by animevq 0.1 (memory-mapped shards), "
+                f"which this version streams no longer; convert it once with `animevq prepare "
+                f"{shown(data_dir)} {shown(str(data_dir).rstrip('/') + '-litdata')}` and train on that"
+            )
         discovery = find_images(data_dir)
         split = split_by_hash(discovery.files, self.val_split, self.seed)
         ledger = SkipLedger(len(discovery.files))
@@ -198,50 +213,25 @@ class AnimeDataModule(LightningDataModule):
             listing = SkipReport(tuple((path, reason.label) for path, reason in discovery.skipped))
             _warn_once(listing.message(when="while listing data_dir"))
 
-    def _setup_prepared(self, folder: PreparedFolder) -> None:
-        """Split the source listing exactly as for the raw folder, then keep the stored
-        images; the ledger starts with the files skipped while preparing."""
-        files = folder.files  # the raw folder's listing: stored + skipped while loading
-        split = split_by_hash(files, self.val_split, self.seed)
-        rows = folder.file_rows  # (len(files),) -1 where skipped
-        ledger = SkipLedger(len(files))
-        position = {path: i for i, path in enumerate(files)}
-        for item in folder.skipped:
-            if item.stage == "loading":
-                ledger.status[position[item.path]] = int(item.skip_reason)
-        bad_rows = np.flatnonzero(folder.bad_rows)
-        for row in bad_rows:  # stored, but unreadable: replaced like bad files when drawn
-            ledger.status[position[folder.paths[row]]] = int(SkipReason.BAD_INDEX_ROW)
-        if len(bad_rows):
-            listed = "; ".join(folder.row_problem(int(row)) for row in bad_rows[:3])
-            _warn_once(
-                f"{shown(folder.root / INDEX_NAME)}: {len(bad_rows)} damaged row(s) skipped "
-                f"({listed}"
-                f"{'; …' if len(bad_rows) > 3 else ''}); re-run `animevq prepare SRC "
-                f"{shown(folder.root)} --overwrite` to rebuild it"
-            )
-        train = [i for i in split.train if rows[i] >= 0]
-        val = [i for i in split.val if rows[i] >= 0]
-        if not any(not folder.bad_rows[rows[i]] for i in train):
-            raise ValueError(
-                f"data_dir {shown(folder.root)} has no readable stored image in the training split "
-                f"({len(folder.paths)} stored in all, {len(bad_rows)} with damaged index rows); "
-                "lower val_split, add images or re-run `animevq prepare`"
-            )
-        common = dict(image_size=self.image_size, seed=self.seed, random_flip=self.random_flip,
-                      ledger=ledger)
-        self.train_dataset = PreparedDataset(folder, train, train=True, **common)
-        self.val_dataset = PreparedDataset(folder, val, train=False, **common)
-        listing = [(item.path, item.skip_reason) for item in folder.skipped
-                   if item.stage == "listing"]
-        self.discovery = Discovery(root=folder.root, files=files, skipped=listing)
-        self.ledger = ledger
+    def _setup_stream(self, info: StoreInfo) -> None:
+        """Open the prepared dataset and split it by chunks; files skipped while preparing
+        are reported once, here."""
+        from animevq.data.streaming import num_items, open_stream, split_stream  # LitData: when used
+
+        stream = open_stream(info, image_size=self.image_size, seed=self.seed,
+                             random_flip=self.random_flip, cache_dir=self.cache_dir,
+                             max_cache_size=self.max_cache_size)
+        self.train_dataset, self.val_dataset = split_stream(stream, self.val_split, self.seed)
+        listing = [(item.path, item.skip_reason) for item in info.skipped if item.stage == "listing"]
+        self.discovery = Discovery(root=Path(info.location), files=[], skipped=listing)
+        self.store = info
         _info_once(
-            "found %d prepared images (short side %d) under %s: %d train, %d val",
-            len(folder.paths), folder.size, shown(folder.root), len(train), len(val),
+            "streaming %d prepared images (short side %d) from %s: %d train, %d val",
+            info.num_images, info.size, shown(info.location), num_items(self.train_dataset),
+            num_items(self.val_dataset),
         )
-        if folder.skipped:
-            report = SkipReport(tuple(sorted((item.path, item.reason) for item in folder.skipped)))
+        if info.skipped:
+            report = SkipReport(tuple(sorted((item.path, item.reason) for item in info.skipped)))
             _warn_once(report.message(when="while preparing data_dir"))
 
     def state_dict(self) -> dict[str, int]:
@@ -250,8 +240,15 @@ class AnimeDataModule(LightningDataModule):
         the folder again."""
         if self.train_dataset is None or self.val_dataset is None:
             return {}
-        return {"num_images": len(self.train_dataset) + len(self.val_dataset),
-                "num_train_images": len(self.train_dataset)}
+        train, val = self._count(self.train_dataset), self._count(self.val_dataset)
+        return {"num_images": train + val, "num_train_images": train}
+
+    def _count(self, dataset: Any) -> int:
+        if self.store is None:
+            return len(dataset)
+        from animevq.data.streaming import num_items
+
+        return num_items(dataset)
 
     @property
     def files(self) -> list[str]:
@@ -262,6 +259,8 @@ class AnimeDataModule(LightningDataModule):
         """Every file skipped so far: links refused while listing, plus files that failed
         to load in this process or its workers (under DDP, on any rank once
         :class:`~animevq.data.DataReport` has run an epoch end)."""
+        if self.store is not None:
+            return SkipReport(tuple(sorted((item.path, item.reason) for item in self.store.skipped)))
         if self.discovery is None or self.ledger is None:
             return SkipReport(())
         listing = [(path, reason.label) for path, reason in self.discovery.skipped]
@@ -277,6 +276,8 @@ class AnimeDataModule(LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         assert self.train_dataset is not None
+        if self.store is not None:
+            return self._stream_loader(self.train_dataset, train=True)
         dataset = self.train_dataset
         drop_last = self.drop_last and len(dataset) >= self.batch_size
         if self.drop_last and not drop_last:
@@ -294,10 +295,23 @@ class AnimeDataModule(LightningDataModule):
         if self.val_dataset is None:
             self.setup("validate")
         assert self.val_dataset is not None
+        if self.store is not None:
+            return self._stream_loader(self.val_dataset, train=False)
         return DataLoader(
             self.val_dataset, batch_size=self.batch_size, shuffle=False, drop_last=False,
             **self._loader_options(),
         )
+
+    def _stream_loader(self, dataset: Any, train: bool) -> Any:
+        """LitData's loader over an :class:`~animevq.data.streaming.ImageStream`. Its workers
+        are never persistent: LitData hands each epoch's number to workers as they start."""
+        from animevq.data.streaming import StreamLoader, num_items
+
+        options = self._loader_options()
+        options["persistent_workers"] = False
+        per_batch = self.batch_size * max(1, int(options["num_workers"]))  # each worker batches its own
+        drop_last = train and self.drop_last and num_items(dataset) >= per_batch
+        return StreamLoader(dataset, batch_size=self.batch_size, drop_last=drop_last, **options)
 
     def _loader_options(self) -> dict[str, object]:
         workers = self.num_workers

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 
 from ..data.resumable import LoaderPosition, ResumableDataLoader, make_resumable
+from ..data.streaming import StreamLoader
 
 __all__ = ["ExactResume", "capture_rng_state", "restore_rng_state"]
 
@@ -105,7 +106,7 @@ class ExactResume(pl.Callback):
             return LoaderPosition(trainer.current_epoch, int(loop.epoch_loop.batch_progress.current.ready))
 
         for loader in CombinedLoader(trainer.train_dataloader).flattened:
-            if isinstance(loader, ResumableDataLoader):
+            if isinstance(loader, (ResumableDataLoader, StreamLoader)):
                 loader.position = position
             else:
                 log.warning("the training loader (%s) is not resumable: a run resumed mid-epoch restarts that "

@@ -1,0 +1,5 @@
+"""``python -m animevq …``: the same as the ``animevq`` console script."""
+
+from animevq.command import main
+
+main()
