@@ -25,6 +25,7 @@ LAYERS = {
     "tools": {"nn", "runs", "data", "tracking"},
     "cli": {"nn", "config", "runs", "data", "tracking", "train", "tools"},
     "command": {"tools", "cli"},  # the console script: cli (Lightning) only for fit and validate
+    "__main__": {"command"},  # python -m animevq: the console script
 }
 # What animevq.nn may import besides itself: the standard library, torch, torchvision (LPIPS's
 # VGG16 architecture), safetensors (the Tokenizer's weight files) and huggingface_hub (the

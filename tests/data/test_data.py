@@ -265,7 +265,7 @@ def test_hyperparameters_and_seed_import_path(tmp_path: Path) -> None:
         "data_dir": str(tmp_path), "batch_size": 8, "val_split": 0.2, "image_size": 32,
         "num_workers": 1, "seed": 0, "pin_memory": None, "persistent_workers": None,
         "max_image_pixels": 16384 * 8192, "max_image_bytes": 4 * 16384 * 8192, "min_image_size": 8, "random_flip": True,
-        "drop_last": True,
+        "drop_last": True, "cache_dir": None, "max_cache_size": None,
     }
     parser = ArgumentParser()  # what LightningCLI does with the YAML `data:` section
     parser.add_class_arguments(AnimeDataModule, "data")

@@ -232,6 +232,6 @@ def test_max_image_bytes_is_settable_in_the_data_module_and_prepare(tmp_path: Pa
     args = ["prepare", str(src), str(tmp_path / "dst"), "--size", "16", "--workers", "1",
             "--no_progress", "--max_image_bytes", str(limit)]
     assert prepare_main(args) == 0
-    manifest = json.loads((tmp_path / "dst" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "dst" / "animevq.json").read_text())
     assert [(item["path"], item["reason"]) for item in manifest["skipped"]] == [("rgba.png", "too_large")]
     assert manifest["options"]["max_image_bytes"] == limit

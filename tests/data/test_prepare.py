@@ -1,33 +1,27 @@
-"""``animevq prepare`` and prepared folders: what is stored and reported, that
-AnimeDataModule reads a prepared folder exactly like its source folder, resuming, errors."""
+"""``animevq prepare`` writes a LitData dataset: what is stored and reported, that LitData
+opens it directly, resuming an interrupted run, and the command's errors."""
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
+import litdata
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from animevq.data import (
-    AnimeDataModule,
-    PrepareOptions,
-    SampleKey,
-    crop_resize,
-    prepare_folder,
-    read_prepared,
-)
-from animevq.data import prepare as prepare_module
+from animevq.data import PrepareOptions, crop_resize, load_image, prepare_folder, read_info
+from animevq.data.transforms import stored_image
 from animevq.tools.prepare import main
-from animevq.data.prepared import stored_image
 
 S = 16
-LEVEL = 1 / 127.5  # one 8-bit level in [-1,1]
 GOOD = {  # name → (width, height): square, landscape, portrait, past max_aspect, large
     "square.png": (24, 24), "wide.png": (40, 20), "sub/tall.png": (20, 52),
     "strip.png": (100, 16), "big.png": (210, 130), "photo.jpg": (48, 36), "odd.png": (37, 23),
@@ -42,7 +36,7 @@ def _noise(path: Path, size: tuple[int, int], seed: int) -> None:
     Image.fromarray(pixels).save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
 
 
-def _source(root: Path, bad: bool = True) -> Path:
+def make_source(root: Path, bad: bool = True) -> Path:
     for seed, (name, size) in enumerate(GOOD.items()):
         _noise(root / name, size, seed)
     if bad:
@@ -63,45 +57,37 @@ class Prepared(NamedTuple):
 
 @pytest.fixture
 def prepared(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Prepared:
-    src, dst = _source(tmp_path / "src"), tmp_path / "dst"
+    src, dst = make_source(tmp_path / "src"), tmp_path / "dst"
     args = ["prepare", str(src), str(dst), "--size", str(S), "--workers", "2", "--no_progress"]
     assert main(args) == 0
     return Prepared(src, dst, capsys.readouterr().out)
 
 
-def test_stores_each_image_at_the_size_and_reports_bad_files(prepared: Prepared) -> None:
+def test_one_litdata_item_per_good_image_and_bad_files_reported(prepared: Prepared) -> None:
     src, dst, out = prepared
     assert f"prepared {len(GOOD)} images" in out and "1 truncated (cut.png)" in out
     assert sorted(os.listdir(dst.parent)) == ["dst", "src"]  # no .tmp left behind
-    folder = read_prepared(dst)
-    manifest = folder.manifest
-    assert (manifest["format"], manifest["version"], manifest["size"]) == ("animevq-prepared", 1, S)
-    assert manifest["num_images"] == len(GOOD) and folder.paths == sorted(GOOD)
-    assert {item.path: item.reason for item in folder.skipped} == BAD
-    assert manifest["skipped_counts"] == {reason: 1 for reason in BAD.values()}
-    assert {item.path for item in folder.skipped if item.stage == "listing"} == {"dangling.png"}
-    assert not (dst / "journal.jsonl").exists()
-    for path, (shard, offset, height, width) in zip(folder.paths, folder.index):
-        w, h = GOOD[path]
-        short, long = sorted((height, width))
-        expected_long = min(max(w, h) * S / min(w, h), 2 * S)  # short side S, aspect kept
-        assert short == S and (height > width) == (h > w)
-        assert expected_long - 2 < long <= expected_long and (long - S) % 2 == 0
-    # The bytes are the pixels: a shard slice is exactly what a fresh decode gives.
-    square = folder.index[folder.paths.index("square.png")]
-    shard = np.fromfile(dst / "shard-00000.bin", dtype=np.uint8)
-    stored = shard[square[1] : square[1] + S * S * 3].reshape(S, S, 3)
-    expected = Image.open(src / "square.png").resize((S, S), Image.Resampling.BICUBIC)
-    assert np.abs(stored.astype(int) - np.asarray(expected).astype(int)).max() <= 1
+    info = read_info(dst)
+    assert info is not None and (info.size, info.num_images, info.source) == (S, len(GOOD), str(src))
+    assert {item.path: item.reason for item in info.skipped} == BAD
+    assert {item.path for item in info.skipped if item.stage == "listing"} == {"dangling.png"}
+    stream = litdata.StreamingDataset(str(dst))  # a real LitData dataset, opened directly
+    assert len(stream) == len(GOOD)
+    items = [stream[i] for i in range(len(stream))]
+    # Every good image once, as stored_image makes it from a fresh decode.
+    expected = {name: stored_image(load_image(src / name, target_size=S), S, 2.0) for name in GOOD}
+    for name, pixels in expected.items():
+        matches = [item for item in items if item.shape == pixels.shape and np.array_equal(item, pixels)]
+        assert len(matches) == 1, name
+    for item in items:
+        assert item.dtype == np.uint8 and min(item.shape[:2]) == S and max(item.shape[:2]) <= 2 * S
 
 
 @pytest.mark.parametrize("width,height,size", [
     (24, 24, 16), (37, 23, 16), (23, 61, 16), (61, 23, 12), (130, 500, 8), (500, 131, 8),
     (300, 90, 24), (9, 90, 16), (90, 9, 32),
 ])
-def test_centre_of_a_stored_image_is_the_raw_validation_crop(
-    width: int, height: int, size: int
-) -> None:
+def test_centre_of_a_stored_image_is_the_raw_validation_crop(width: int, height: int, size: int) -> None:
     """Portrait and landscape, up- and downscaled, with Pillow's pre-reduction (>= 6x),
     past max_aspect: the stored image's centre crop is crop_resize's, to a level."""
     rng = np.random.default_rng(width * height)
@@ -115,195 +101,91 @@ def test_centre_of_a_stored_image_is_the_raw_validation_crop(
     assert np.abs(ours - theirs).max() <= 1 and (ours == theirs).mean() > 0.99
 
 
-def test_prepared_folder_gives_the_raw_split_and_validation_tensors(
-    prepared: Prepared,
-) -> None:
-    src, dst, _ = prepared
-    kwargs = dict(batch_size=2, val_split=0.4, image_size=S, num_workers=0, seed=3)
-    raw, fast = AnimeDataModule(str(src), **kwargs), AnimeDataModule(str(dst), **kwargs)
-    raw.setup(), fast.setup()
-    assert fast.files == raw.files  # bad files included: they are part of the split rule
-
-    def names(dataset) -> set[str]:
-        return {raw.files[i] for i in dataset.file_ids}
-
-    good = set(GOOD)
-    assert names(fast.train_dataset) == names(raw.train_dataset) & good
-    assert names(fast.val_dataset) == names(raw.val_dataset) & good
-    assert names(fast.val_dataset) and names(fast.train_dataset)
-    raw_val = {raw.files[i]: raw.val_dataset[k] for k, i in enumerate(raw.val_dataset.file_ids)}
-    for k, i in enumerate(fast.val_dataset.file_ids):
-        ours, theirs = fast.val_dataset[k], raw_val[raw.files[i]]
-        assert ours.shape == (3, S, S)
-        # Noise images: a crop off by a pixel or a different scale would differ everywhere.
-        assert (ours - theirs).abs().max() <= LEVEL + 1e-6
-        assert (ours == theirs).float().mean() > 0.99
-    assert fast.skipped == {reason: 1 for reason in BAD.values()}
+def _many(root: Path, count: int) -> Path:
+    for i in range(count):
+        _noise(root / f"{i:03d}.png", (24 + i % 5, 16 + i % 3), i)
+    (root / "zz-empty.png").write_bytes(b"")
+    return root
 
 
-def test_train_batches_augment_like_the_raw_folder(tmp_path: Path, prepared: Prepared) -> None:
-    dst = prepared.dst
-    dm = AnimeDataModule(str(dst), batch_size=3, val_split=0.0, image_size=S, num_workers=0)
-    batches = list(dm.train_dataloader())
-    assert len(batches) == len(GOOD) // 3
-    for batch in batches:
-        assert batch.dtype == torch.float32 and batch.shape == (3, 3, S, S)
-        assert batch.min() >= -1.0 and batch.max() <= 1.0
-    # A horizontal ramp: crops move between epochs, and flips (the sign of the slope)
-    # are drawn exactly as the raw folder draws them.
-    src = tmp_path / "ramp"
-    src.mkdir()
-    width, height = 60, 30  # stored 32×16: a ramp rising 2/32 per stored pixel
-    ramp = np.tile(np.linspace(0, 255, width).astype(np.uint8)[None, :, None], (height, 1, 3))
-    Image.fromarray(ramp).save(src / "ramp.png")
-    options = PrepareOptions(size=S)
-    prepare_folder(src, tmp_path / "ramp_prepared", options, workers=1, progress=False)
-    crops = {}
-    for name, folder in (("raw", src), ("prepared", tmp_path / "ramp_prepared")):
-        module = AnimeDataModule(str(folder), val_split=0.0, image_size=S, num_workers=0, seed=5)
-        module.setup()
-        crops[name] = [module.train_dataset[SampleKey(0, epoch)] for epoch in range(12)]
-    slopes = {name: [float(c[0, 0, -1] - c[0, 0, 0]) > 0 for c in crops[name]] for name in crops}
-    assert slopes["raw"] == slopes["prepared"] and len(set(slopes["raw"])) == 2
-    assert len({float(c.mean()) for c in crops["prepared"]}) > 3
-    for raw, ours in zip(crops["raw"], crops["prepared"]):  # same position up to rounding
-        assert abs(float(raw.mean() - ours.mean())) < 0.6 * 2 / (2 * S)
+def _items(dst: Path) -> list[bytes]:
+    stream = litdata.StreamingDataset(str(dst))
+    return [stream[i].tobytes() for i in range(len(stream))]
 
 
-def test_workers_read_the_same_batches(prepared: Prepared) -> None:
-    dst = prepared.dst
-    batches = {}
-    for workers in (0, 2):
-        dm = AnimeDataModule(str(dst), batch_size=2, val_split=0.3, image_size=S,
-                             num_workers=workers, persistent_workers=False)
-        dm.setup()
-        batches[workers] = [torch.cat(list(loader))
-                            for loader in (dm.train_dataloader(), dm.val_dataloader())]
-    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
-    dataset = dm.train_dataset
-    dataset[0]  # maps the shards in this process
-    copy = pickle.loads(pickle.dumps(dataset))
-    assert copy._maps is None and torch.equal(copy[1], dataset[1])
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_interrupted_run_continues_and_equals_a_fresh_one(tmp_path: Path) -> None:
+    """SIGINT to a real `animevq prepare` in the middle: the same command finishes the job
+    without redoing the chunks written, and gives a fresh run's dataset, bad file included."""
+    src = _many(tmp_path / "src", 150)
+    command = [sys.executable, "-m", "animevq", "prepare", str(src), "", "--size", str(S),
+               "--workers", "1", "--chunk_size_mb", str(4 * S * 2 * S * 3 / 2**20), "--no_progress"]
+    dst, fresh = tmp_path / "dst", tmp_path / "fresh"
+    run = subprocess.Popen([*command[:5], str(dst), *command[6:]], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    chunks = tmp_path / "dst.tmp" / "data"
+    deadline = time.monotonic() + 120
+    while len(list(chunks.glob("chunk-*.bin"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode != 0 and not dst.exists(), err[-2000:]
+    assert "run the same command again to resume" in err
+    again = subprocess.run([*command[:5], str(dst), *command[6:]], capture_output=True, text=True, timeout=200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing an interrupted run" in again.stdout
+    done = subprocess.run([*command[:5], str(fresh), *command[6:]], capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _items(dst) == _items(fresh) and len(_items(dst)) == 150
+    assert read_info(dst).skipped == read_info(fresh).skipped and len(read_info(dst).skipped) == 1
 
 
-def test_smaller_image_size_resizes_and_larger_is_refused(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    yy, xx = np.mgrid[0:60, 0:90]
-    smooth = np.stack([xx * 2.8, yy * 4.2, (xx + yy) * 1.6], axis=-1).astype(np.uint8)
-    Image.fromarray(smooth).save(src / "smooth.png")
-    Image.new("RGB", (50, 30), (200, 40, 90)).save(src / "flat.png")
-    dst = tmp_path / "prepared32"
-    prepare_folder(src, dst, PrepareOptions(size=2 * S), workers=1, progress=False)
-    kwargs = dict(val_split=0.5, image_size=S, num_workers=0)
-    raw, fast = AnimeDataModule(str(src), **kwargs), AnimeDataModule(str(dst), **kwargs)
-    raw.setup(), fast.setup()
-    for dataset_raw, dataset_fast in ((raw.val_dataset, fast.val_dataset),
-                                      (raw.train_dataset, fast.train_dataset)):
-        ours, theirs = dataset_fast[SampleKey(0, 0)], dataset_raw[SampleKey(0, 0)]
-        assert ours.shape == (3, S, S) and (ours - theirs).abs().max() < 0.1
-    flat = fast.files.index("flat.png")
-    dataset = fast.train_dataset if flat in fast.train_dataset.file_ids else fast.val_dataset
-    expected = torch.tensor([200, 40, 90]).view(3, 1, 1) / 127.5 - 1
-    torch.testing.assert_close(dataset[0] if dataset.file_ids[0] == flat else dataset[1],
-                               expected.expand(3, S, S))
-    with pytest.raises(ValueError, match=rf"prepared at size {2 * S}.*--size {4 * S}") as error:
-        AnimeDataModule(str(dst), image_size=4 * S).setup()
-    assert str(dst) in str(error.value)
-
-
-def test_an_interrupted_run_resumes_and_equals_a_fresh_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    src = _source(tmp_path / "src")
-    real, calls = prepare_module._convert, []
-
-    def interrupted(relative: str):
-        calls.append(relative)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real(relative)
-
-    def counted(relative: str):
-        calls.append(relative)
-        return real(relative)
-
-    dst = tmp_path / "dst"
-    args = ["prepare", str(src), str(dst), "--size", str(S), "--workers", "1",
-            "--shard_size_mb", str(2 * S * S * 3 / 2**20), "--no_progress"]  # 2 images a shard
-    monkeypatch.setattr(prepare_module, "_convert", interrupted)
-    assert main(args) == 130
-    assert "run the same command again to resume" in capsys.readouterr().err
-    assert not dst.exists() and (tmp_path / "dst.tmp" / "journal.jsonl").exists()
-    calls.clear()
-    monkeypatch.setattr(prepare_module, "_convert", counted)
-    assert main(args) == 0
-    listed = len(GOOD) + len(BAD) - 1  # the dangling link is refused while listing
-    assert 0 < len(calls) < listed and "resumed after" in capsys.readouterr().out
-    fresh = tmp_path / "fresh"
-    assert main(args[:2] + [str(fresh)] + args[3:]) == 0
-    resumed, again = read_prepared(dst), read_prepared(fresh)
-    assert resumed.paths == again.paths and resumed.skipped == again.skipped
-    assert len(resumed.shards) > 2 and np.array_equal(resumed.index, again.index)
-    for name in resumed.shards:
-        assert (dst / name).read_bytes() == (fresh / name).read_bytes()
-    # An interrupted run with other settings is discarded, not mixed in.
-    calls.clear()
-    monkeypatch.setattr(prepare_module, "_convert", interrupted)
-    assert main(args[:2] + [str(tmp_path / "other")] + args[3:]) == 130
-    monkeypatch.setattr(prepare_module, "_convert", counted)
-    calls.clear()
-    other = args[:2] + [str(tmp_path / "other"), "--size", str(S + 2)] + args[5:]
-    assert main(other) == 0 and len(calls) == listed
-    assert read_prepared(tmp_path / "other").size == S + 2
-
-
-def test_command_line_errors_name_the_path(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_command_line_errors_name_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def fails(*args: str) -> str:
         assert main(["prepare", *args, "--size", str(S), "--workers", "1", "--no_progress"]) == 1
         return capsys.readouterr().err
 
-    src = _source(tmp_path / "src", bad=False)
+    src = make_source(tmp_path / "src", bad=False)
     assert "SRC " + str(tmp_path / "nowhere") + " does not exist" in fails(
         str(tmp_path / "nowhere"), str(tmp_path / "a"))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "x.txt").write_text("no images")
     assert "holds no images" in fails(str(tmp_path / "notes"), str(tmp_path / "b"))
-    assert "not a prepared folder" in fails(str(src), str(tmp_path / "notes"))
+    assert "not a prepared dataset" in fails(str(src), str(tmp_path / "notes"))
     assert (tmp_path / "notes" / "x.txt").exists()  # untouched
     assert "is a file" in fails(str(src), str(tmp_path / "notes" / "x.txt"))
     assert "cannot write" in fails(str(src), str(tmp_path / "notes" / "x.txt" / "under_a_file"))
-    (tmp_path / "junk.tmp").mkdir()
-    (tmp_path / "junk.tmp" / "mine.doc").write_text("someone else's")
-    assert "not written by animevq prepare" in fails(str(src), str(tmp_path / "junk"))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"")
     assert "none of the 1 image files" in fails(str(bad), str(tmp_path / "c"))
-    assert not (tmp_path / "c").exists() and not (tmp_path / "c.tmp").exists()
+    assert not (tmp_path / "c").exists()
 
     dst = tmp_path / "dst"
     assert main(["prepare", str(src), str(dst), "--size", str(S), "--no_progress"]) == 0
     assert main(["prepare", str(src), str(dst), "--size", str(S), "--no_progress"]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    manifest = json.loads((dst / "manifest.json").read_text())
-    del manifest["options"]["max_image_bytes"]  # as animevq wrote it before that option existed
-    (dst / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["prepare", str(src), str(dst), "--size", str(S), "--no_progress"]) == 0
-    assert "nothing to do" in capsys.readouterr().out
     assert "--overwrite" in fails(str(src), str(dst), "--max_aspect", "1.5")
-    assert main(["prepare", str(src), str(dst), "--size", str(S + 4), "--overwrite",
-                 "--no_progress"]) == 0
-    assert read_prepared(dst).size == S + 4 and not (tmp_path / "dst.old").exists()
-    # A damaged copy is refused when read, with the way out.
-    shard = dst / "shard-00000.bin"
-    shard.write_bytes(shard.read_bytes()[:-1])
-    with pytest.raises(ValueError, match="wrong size.*animevq prepare"):
-        AnimeDataModule(str(dst), image_size=S).setup()
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["version"] = 99
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["prepare", str(src), str(dst), "--size", str(S + 4), "--overwrite", "--no_progress"]) == 0
+    assert read_info(dst).size == S + 4 and not (tmp_path / "dst.old").exists()
+    info = json.loads((dst / "animevq.json").read_text())
+    info["version"] = 99
+    (dst / "animevq.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="newer animevq"):
-        read_prepared(dst)
+        read_info(dst)
+    (dst / "animevq.json").write_text(json.dumps({**info, "version": 1, "skipped": [{"path": 3}]}))
+    with pytest.raises(ValueError, match=r"animevq.json: skipped must list .*re-run `animevq prepare"):
+        read_info(dst)
+
+
+def test_options_are_recorded_and_a_smaller_size_differs(tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src", bad=False)
+    options = PrepareOptions(size=S // 2, max_aspect=1.5)
+    result = prepare_folder(src, tmp_path / "dst", options, workers=1, progress=False)
+    assert result.num_images == len(GOOD) and not result.already_prepared
+    info = read_info(tmp_path / "dst")
+    assert info.options["max_aspect"] == 1.5 and info.size == S // 2
+    for i in range(len(GOOD)):
+        item = litdata.StreamingDataset(str(tmp_path / "dst"))[i]
+        assert min(item.shape[:2]) == S // 2 and max(item.shape[:2]) <= 1.5 * S // 2
