@@ -1,20 +1,23 @@
-"""Data-pipeline throughput per CPU core: a raw image folder against its prepared form.
+"""Data-pipeline throughput per CPU core: a raw image folder, its LitData dataset, and the
+memory-mapped shards that animevq 0.1 read, on the same stored images.
 
     python benchmarks/data_pipeline.py DIR --size 256
     python benchmarks/data_pipeline.py DIR --size 256 --count 1000 --loader_workers 2
 
 For DIR it (a) times the raw-folder dataset (decode + resize + crop for every image),
-(b) runs ``animevq prepare`` into a temporary folder (or uses ``--prepared``) and times
-the prepared dataset (memory-mapped slice + crop). Both are timed in this one process
-(``num_workers=0``, one torch thread), calling ``__getitem__`` on training samples with
-their random crops and flips, so images/s is images/s per core. ``--loader_workers W``
-adds a DataLoader run with W worker processes (batches of ``--batch_size``).
-Not a test; it needs no GPU.
+(b) runs ``animevq prepare`` into a temporary folder (or uses ``--prepared``) and times the
+LitData stream as training reads it (``ImageStream`` iterated in this process: LitData's
+chunk reads, the shuffle, our crop and flip), and (c) writes the same stored images into one
+0.1-style shard and times 0.1's read (a memory-mapped slice, the same crop and flip). All
+in this one process (one torch thread), so images/s is images/s per core.
+``--loader_workers W`` adds a DataLoader run with W worker processes (batches of
+``--batch_size``). Not a test; it needs no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import json
 import os
 import platform
@@ -26,11 +29,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from animevq.data import AnimeDataModule, PrepareOptions, SampleKey, prepare_folder  # noqa: E402
+from animevq.data.dataset import _seed_of  # noqa: E402
+from animevq.data.transforms import stored_crop  # noqa: E402
 
 _WARMUP = 16  # first items pay for imports, page faults and allocator growth
 
@@ -47,11 +53,13 @@ def cpu_model() -> str:
 
 
 def per_core_rate(data_dir: str, size: int, count: int, repeats: int) -> float:
-    """Training samples per second from ``dataset[key]`` in this process (the median of
-    ``repeats`` timings: a shared 2-core VM is noisy)."""
+    """Training samples per second in this process (the median of ``repeats`` timings: a
+    shared VM is noisy): ``dataset[key]`` for a raw folder, iteration for a LitData stream."""
     dm = AnimeDataModule(data_dir, val_split=0.0, image_size=size, num_workers=0)
     dm.setup("fit")
     dataset = dm.train_dataset
+    if dm.store is not None:
+        return _stream_rate(dataset, count, repeats)
     for i in range(_WARMUP):
         dataset[SampleKey(i % len(dataset), 0)]
     rates = []
@@ -59,6 +67,59 @@ def per_core_rate(data_dir: str, size: int, count: int, repeats: int) -> float:
         start = time.perf_counter()
         for i in range(count):  # epochs move on past len(dataset): new crops each time
             dataset[SampleKey(i % len(dataset), 1 + repeat + i // len(dataset))]
+        rates.append(count / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _stream_rate(dataset, count: int, repeats: int) -> float:
+    rates = []
+    for repeat in range(repeats + 1):  # the first pass maps the chunks: a warm-up
+        seen, start = 0, time.perf_counter()
+        epoch = 1
+        while seen < count:
+            dataset.set_epoch(epoch)
+            for _ in dataset:
+                seen += 1
+                if seen >= count:
+                    break
+            epoch += 1
+        if repeat:
+            rates.append(count / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def shard_rate(prepared: str, size: int, count: int, repeats: int, scratch: str) -> float:
+    """animevq 0.1's read on the same stored images: one shard file of raw uint8 bytes,
+    memory-mapped, each sample a slice, then the same crop and flip draws."""
+    import litdata
+
+    stream = litdata.StreamingDataset(prepared)
+    images = [stream[i] for i in range(len(stream))]
+    shard = os.path.join(scratch, "shard-00000.bin")
+    with open(shard, "wb") as file:
+        for image in images:
+            file.write(image.tobytes())
+    offsets = [0]
+    for image in images[:-1]:
+        offsets.append(offsets[-1] + image.nbytes)
+    shapes = [image.shape for image in images]
+    del images
+    mapped = np.memmap(shard, dtype=np.uint8, mode="r")
+
+    def sample(index: int, epoch: int) -> torch.Tensor:
+        rng = random.Random(_seed_of("augment", 0, epoch, index))
+        offset, flip = rng.random(), rng.random() < 0.5
+        height, width, _ = shapes[index]
+        pixels = mapped[offsets[index] : offsets[index] + height * width * 3].reshape(height, width, 3)
+        return stored_crop(pixels, size, offset, flip)
+
+    for i in range(_WARMUP):
+        sample(i % len(shapes), 0)
+    rates = []
+    for repeat in range(repeats):
+        start = time.perf_counter()
+        for i in range(count):
+            sample(i % len(shapes), 1 + repeat + i // len(shapes))
         rates.append(count / (time.perf_counter() - start))
     return statistics.median(rates)
 
@@ -87,7 +148,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="training crop side")
     parser.add_argument("--count", type=int, default=500, help="images timed per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="per-core timings (median)")
-    parser.add_argument("--prepared", default=None, help="an existing prepared folder of data_dir")
+    parser.add_argument("--prepared", default=None, help="an existing prepared dataset of data_dir")
     parser.add_argument("--prepare_workers", type=int, default=None, help="default: all CPUs")
     parser.add_argument("--loader_workers", type=int, default=0, help="also time a DataLoader")
     parser.add_argument("--batch_size", type=int, default=32)
@@ -123,9 +184,13 @@ def main() -> None:
               f"({rate / workers:.1f} per worker), {result.num_bytes / 1e6:.1f} MB written")
     try:
         fast = per_core_rate(prepared, args.size, args.count, args.repeats)
-        results["prepared_images_per_s_per_core"] = fast
-        print(f"prepared    (memmap slice)  : {fast:9.1f} images/s per core "
+        results["litdata_images_per_s_per_core"] = fast
+        print(f"LitData     (stream)        : {fast:9.1f} images/s per core "
               f"({fast / raw:.1f}x the raw folder)")
+        old = shard_rate(prepared, args.size, args.count, args.repeats, scratch or tempfile.mkdtemp())
+        results["shards_0_1_images_per_s_per_core"] = old
+        print(f"0.1 shards  (memmap slice)  : {old:9.1f} images/s per core "
+              f"(LitData: {100 * (fast / old - 1):+.1f} %)")
         if args.loader_workers:
             for name, folder in (("raw", args.data_dir), ("prepared", prepared)):
                 rate = loader_rate(folder, args.size, args.count, args.loader_workers,
