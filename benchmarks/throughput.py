@@ -203,7 +203,8 @@ def kernel_kind(name: str) -> str:
 def bench_train(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = VQVAEModel(log_every_n_steps=10**9, log_images_every_n_steps=10**9, optimization={"warmup_steps": 0},
-                       speed={"channels_last": args.channels_last, "compile": args.compile}, **VARIANTS[name],
+                       speed={"channels_last": args.channels_last, "compile": args.compile,
+                              "compile_mode": args.compile_mode}, **VARIANTS[name],
                        safety={"max_nonfinite_steps": 10 if args.guard else None}).cuda()
     x = torch.rand(args.batch, 3, args.size, args.size, device="cuda") * 2 - 1
     flops = count_step_flops(model, x, phase_conv=False)  # the architecture's FLOPs
@@ -235,7 +236,7 @@ def bench_encode(args: argparse.Namespace) -> dict:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.tokenizer.encoder.compile()
+        model.tokenizer.encoder.compile(mode=args.compile_mode)
     x = torch.rand(args.encode_batch, 3, args.size, args.size, device="cuda") * 2 - 1
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -263,6 +264,7 @@ def main() -> None:
     p.add_argument("--peak", type=float, default=None, help="dense bf16 TFLOP/s of the card (default: datasheet)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (model option compile)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--literal-upsample", dest="phase_conv", action="store_false",
                    help="run nearest-upsample + 3×3 conv literally (the 'before' of the phase rewrite)")
@@ -279,7 +281,8 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     rows = [bench_train(v, args) for v in args.variants] + [bench_encode(args)]
     print(f"\n{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args.batch}, "
-          f"{args.size}×{args.size}, bf16-mixed, channels_last={args.channels_last}, compile={args.compile}, "
+          f"{args.size}×{args.size}, bf16-mixed, channels_last={args.channels_last}, compile={args.compile} "
+          f"({args.compile_mode}), "
           f"peak {args.peak:.0f} TFLOP/s")
     print(f"phase-conv upsampling={args.phase_conv}; TFLOP/s and % of peak use the architecture's FLOPs")
     print(f"{'variant':<18}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}{'executed':>10}{'TFLOP/s':>9}"

@@ -66,6 +66,8 @@ def test_configs_refuse_bad_values_and_unknown_keys() -> None:
         VQConfig(restart_sampling="random")
     with pytest.raises(ValueError, match="disc_norm must be one of"):
         ModelConfig.build({}, {"adversarial": {"disc_norm": "layer"}})
+    with pytest.raises(ValueError, match="compile_mode must be one of .*got 'reduce-overhead'"):
+        ModelConfig.build({}, {"speed": {"compile_mode": "reduce-overhead"}})
     with pytest.raises(ValueError, match=r"model\.speed has no setting 'fast'"):
         ModelConfig.build({}, {"speed": {"fast": True}})
     with pytest.raises(TypeError, match=r"model\.quantizer takes a QuantizerOptions .*not a VQConfig; .*'num_embeddings'"):

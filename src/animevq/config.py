@@ -55,6 +55,9 @@ __all__ = [
 
 DiscLoss = Literal["hinge", "nonsaturating"]
 LrSchedule = Literal["cosine", "constant"]
+# The modes that capture CUDA graphs ("reduce-overhead", "max-autotune") are not offered: not
+# tried with Lightning's training step and VQ-GAN's several backward passes per step.
+CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
 
 
 def _check_choice(name: str, value: Any, kind: Any) -> None:
@@ -204,6 +207,13 @@ class SpeedOptions(Checked):
     """NHWC memory format on CUDA: what cuDNN's bf16 tensor-core convolutions want."""
     compile: bool = False
     """torch.compile the networks (fuses GroupNorm + SiLU); the GPU presets turn it on."""
+    compile_mode: CompileMode = "default"
+    """torch.compile's mode: "default", or "max-autotune-no-cudagraphs" (times Triton kernel
+    configurations and convolution choices at the first step: slower to start)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("compile_mode", self.compile_mode, CompileMode)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)

@@ -28,4 +28,4 @@ def speed_up(model: Any, speed: SpeedOptions, *, on_cuda: bool) -> None:
         decoder = tokenizer.decoder.stages if objective.discriminator is not None else tokenizer.decoder
         for module in (tokenizer.encoder, decoder, objective.lpips, objective.discriminator):
             if module is not None:
-                module.compile()
+                module.compile(mode=speed.compile_mode)
