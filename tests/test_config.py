@@ -138,7 +138,8 @@ def test_a_tokenizer_too_large_to_build_is_refused_before_allocating() -> None:
 
 
 def test_ema_decay_is_checked_and_switching_it_changes_the_architecture() -> None:
-    from animevq.config import OptimizationOptions, architecture_differences
+    from animevq.config import OptimizationOptions
+    from animevq.train.resumed import architecture_differences
 
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):

@@ -2,7 +2,8 @@
 
 ``VQVAEModel`` takes the seed's twenty parameters flat (its README's table, names and defaults
 promised to users) and every other knob in a group, one dataclass per concern:
-``quantizer`` (:class:`~animevq.nn.quantizer_config.QuantizerOptions`: the family and its options), ``losses`` (:class:`LossOptions`),
+``quantizer`` (:class:`~animevq.nn.quantizer_config.QuantizerOptions`: the family and its
+options), ``losses`` (:class:`LossOptions`),
 ``adversarial``, ``optimization``, ``logging``, ``speed`` and ``safety``. Each seed parameter
 is a field of the config of the part it belongs to, beside that group's options
 (``LossConfig(LossOptions)`` adds the loss weights, and so on), so its default is written once;
@@ -49,8 +50,6 @@ __all__ = [
     "OptimizerConfig",
     "SafetyOptions",
     "SpeedOptions",
-    "architecture_differences",
-    "settings_changes",
 ]
 
 DiscLoss = Literal["hinge", "nonsaturating"]
@@ -360,47 +359,3 @@ class ModelConfig(Checked):
             groups[name] = {**fallback, **recorded}
         return cls.build(seed, groups)
 
-
-def _normalise(value: Any) -> Any:
-    return tuple(_normalise(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def architecture_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
-    """``"name: checkpoint A, now B"`` for each setting that makes a checkpoint of ``saved``
-    unusable for resuming a model of ``current``: tensor shapes, and switches that change what
-    the tensors are (VQ-GAN or not, an EMA codebook or one trained by gradient, ...)."""
-    a, b = saved.seed_values(), current.seed_values()
-    differences = [f"{k}: checkpoint {_normalise(a[k])}, now {_normalise(b[k])}"
-                   for k in ARCHITECTURE_KEYS if _normalise(a[k]) != _normalise(b[k])]
-    for label, derive in _DERIVED:
-        before, now = derive(saved), derive(current)
-        if before != now:
-            differences.append(f"{label}: checkpoint {before}, now {now}")
-    return differences
-
-
-_DERIVED = (
-    ("lambda_gan > 0 (VQ-GAN)", lambda c: c.adversarial_on),
-    ("quantizer family", lambda c: c.tokenizer.quantizer.family),
-    ("quantizer levels", lambda c: list(getattr(c.tokenizer.quantizer, "levels", ())) or None),
-    ("decay > 0 (EMA codebook)", lambda c: getattr(c.tokenizer.quantizer, "decay", 0.0) > 0),
-    ("l2_normalize_codes", lambda c: getattr(c.tokenizer.quantizer, "l2_normalize_codes", False)),
-    ("disc_norm", lambda c: c.adversarial.disc_norm if c.adversarial_on else None),
-    ("disc_channels", lambda c: c.adversarial.disc_channels if c.adversarial_on else None),
-    ("lecam_weight > 0", lambda c: c.adversarial.lecam_weight > 0 and c.adversarial_on),
-    ("ema_decay > 0 (weight EMA)", lambda c: c.optimization.ema_decay > 0),
-)
-
-
-def settings_changes(saved: ModelConfig, current: ModelConfig) -> list[str]:
-    """``"name: checkpoint A, now B"`` for each setting (seed parameter or ``group.field``)
-    that differs between a checkpoint of ``saved`` and a resumed model of ``current``."""
-    def flat(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in hparams.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {prefix + key: value})
-        return out
-
-    a, b = flat(saved.to_hparams()), flat(current.to_hparams())
-    return [f"{k}: checkpoint {_normalise(a.get(k))}, now {_normalise(b[k])}"
-            for k in b if _normalise(a.get(k)) != _normalise(b[k])]
