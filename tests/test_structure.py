@@ -20,8 +20,9 @@ LAYERS = {
     "config": {"nn"},
     "data": set(),
     "tracking": set(),
+    "kernels": {"nn"},  # Triton kernels that nn modules take as plug-ins (never imported by nn)
     "runs": {"nn", "data"},
-    "train": {"nn", "config", "runs", "tracking"},
+    "train": {"nn", "config", "runs", "tracking", "kernels"},
     "tools": {"nn", "runs", "data", "tracking"},
     "cli": {"nn", "config", "runs", "data", "tracking", "train", "tools"},
     "command": {"tools", "cli"},  # the console script: cli (Lightning) only for fit and validate

@@ -5,10 +5,13 @@ Shapes use one alphabet: B batch, C channels, H/W image sides.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
-__all__ = ["norm_groups", "group_norm", "GroupNorm", "ResBlock", "Downsample", "Upsample", "upsample_conv3x3"]
+__all__ = ["norm_groups", "group_norm", "GroupNorm", "NormSiLUKernel", "ResBlock", "Downsample", "Upsample",
+           "upsample_conv3x3"]
 
 MAX_GROUPS = 32  # the usual GroupNorm setting (Wu & He 2018) for widths >= 32
 MIN_CHANNELS_PER_GROUP = 4  # fewer channels per group makes GroupNorm's statistics noisy
@@ -61,9 +64,20 @@ class _RealignedGrad(_ChannelsLastGrad):
         return torch.ops.animevq.channels_last_copy(grad)
 
 
+class NormSiLUKernel(Protocol):
+    """A fused ``silu(group_norm(x))`` (forward and backward) for the inputs it ``supports``;
+    ``animevq.kernels`` has the Triton one."""
+
+    def supports(self, x: torch.Tensor, groups: int) -> bool: ...
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                 eps: float) -> torch.Tensor: ...
+
+
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state dict) that, under ``torch.compile``,
-    keeps a channels_last input's layout in its output and its input gradient.
+    keeps a channels_last input's layout in its output and its input gradient; and whose
+    ``silu`` runs a fused kernel where one is set (``silu_kernel``) and takes the input.
 
     ATen's CUDA kernels normalise ``input.contiguous()``: traced, the norm's output and
     input gradient carry NCHW strides. Inductor then writes the SiLU output twice (NCHW to
@@ -73,6 +87,15 @@ class GroupNorm(nn.GroupNorm):
     sides lets Inductor write them so in the kernels it generates anyway. Eager mode runs
     ATen's kernels untouched.
     """
+
+    silu_kernel: NormSiLUKernel | None = None  # set per module; not part of the state dict
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(self(x))``: the activation every ResBlock applies after its norms."""
+        kernel = self.silu_kernel
+        if kernel is not None and self.affine and kernel.supports(x, self.num_groups):
+            return kernel(x, self.weight, self.bias, self.num_groups, self.eps)
+        return nn.functional.silu(self(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = torch.compiler.is_compiling() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
@@ -99,14 +122,13 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.act = nn.SiLU()
         self.skip: nn.Module = (
             nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
-        h = self.conv2(self.act(self.norm2(h)))
+        h = self.conv1(self.norm1.silu(x))
+        h = self.conv2(self.norm2.silu(h))
         return self.skip(x) + h
 
 
