@@ -206,6 +206,8 @@ class SpeedOptions(Checked):
     """NHWC memory format on CUDA: what cuDNN's bf16 tensor-core convolutions want."""
     compile: bool = False
     """torch.compile the networks (fuses GroupNorm + SiLU); the GPU presets turn it on."""
+    fused_norm: bool = False
+    """On CUDA, ResBlocks' GroupNorm + SiLU in Triton kernels (``animevq.kernels``; not yet measured)."""
     compile_mode: CompileMode = "default"
     """torch.compile's mode: "default", or "max-autotune-no-cudagraphs" (times Triton kernel
     configurations and convolution choices at the first step: slower to start)."""

@@ -138,3 +138,34 @@ def test_every_family_quantizes_without_waiting_for_the_gpu(family: str) -> None
         torch.cuda.set_sync_debug_mode("default")
     assert out.z_q.dtype == torch.float32 and torch.isfinite(z.grad).all()
     assert 0 <= int(out.indices.min()) and int(out.indices.max()) < q.codebook_size
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_group_norm_silu_matches_pytorch_on_gpu(compiled: bool) -> None:
+    from animevq.kernels.group_norm_silu import fuse_group_norm_silu
+    from animevq.nn.blocks import ResBlock
+    from animevq.train.speed import speed_up
+
+    torch.manual_seed(0)
+    plain = ResBlock(128).cuda().to(memory_format=torch.channels_last)
+    fused = ResBlock(128).cuda().to(memory_format=torch.channels_last)
+    fused.load_state_dict(plain.state_dict())
+    assert fuse_group_norm_silu(fused) == 2
+    x = torch.randn(4, 128, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    with torch.autocast("cuda", torch.bfloat16):
+        ya = (torch.compile(plain) if compiled else plain)(xs[0])
+        yb = (torch.compile(fused) if compiled else fused)(xs[1])
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    scale = ya.float().abs().max()
+    assert ((ya.float() - yb.float()).abs().max() / scale).item() < 2e-2  # bf16 rounding of conv inputs
+    assert yb.is_contiguous(memory_format=torch.channels_last)
+    dx = xs[0].grad.float().abs().max()
+    assert ((xs[0].grad.float() - xs[1].grad.float()).abs().max() / dx).item() < 2e-2
+    dw = plain.norm1.weight.grad.abs().max()
+    assert ((plain.norm1.weight.grad - fused.norm1.weight.grad).abs().max() / dw).item() < 2e-2
+    model = VQVAEModel(**SMALL, speed={"fused_norm": True}).cuda()
+    speed_up(model, model.config.speed, on_cuda=True)
+    norms = [m for m in model.tokenizer.modules() if hasattr(m, "silu_kernel")]
+    assert norms and all(m.silu_kernel is not None for m in norms)

@@ -1,10 +1,12 @@
-"""How fast a model trains, never what it computes beyond rounding: memory format and compilation."""
+"""How fast a model trains, never what it computes beyond rounding: memory format, fused
+kernels and compilation."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ..config import SpeedOptions
 
@@ -23,9 +25,23 @@ def speed_up(model: Any, speed: SpeedOptions, *, on_cuda: bool) -> None:
     """
     if speed.channels_last and on_cuda:
         model.to(memory_format=torch.channels_last)  # what cuDNN's bf16 tensor-core convs want
+    if speed.fused_norm and on_cuda:
+        fuse_norms(model)
     if speed.compile:
         tokenizer, objective = model.tokenizer, model.objective
         decoder = tokenizer.decoder.stages if objective.discriminator is not None else tokenizer.decoder
         for module in (tokenizer.encoder, decoder, objective.lpips, objective.discriminator):
             if module is not None:
                 module.compile(mode=speed.compile_mode)
+
+
+def fuse_norms(module: torch.nn.Module) -> int:
+    """Run ``module``'s GroupNorm + SiLU through ``animevq.kernels`` (Triton); 0 with a warning
+    where Triton is not installed (CUDA wheels of PyTorch for Linux bring it)."""
+    try:
+        from ..kernels.group_norm_silu import fuse_group_norm_silu
+    except ImportError as error:
+        rank_zero_warn(f"fused GroupNorm + SiLU needs Triton ({error}); running PyTorch's ops. "
+                       "Install triton or set --model.speed.fused_norm false to silence this.")
+        return 0
+    return fuse_group_norm_silu(module)
