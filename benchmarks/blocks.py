@@ -6,7 +6,8 @@ each of its resolutions, forward + backward, compiled, against its two floors.
 
 For each (channels, side) of the default autoencoder it times, at batch 32 in bf16 autocast
 and channels_last: the ResBlock; the same block with its GroupNorms replaced by identities
-(what the convolutions and SiLU cost alone); and GroupNorm + SiLU alone. Beside each it
+(what the convolutions and SiLU cost alone); GroupNorm + SiLU alone; and the block and the
+norm with GroupNorm + SiLU in animevq.kernels' Triton kernels ("fused"). Beside each it
 prints the convolutions' FLOPs over the measured bf16 matrix rate, the bytes that must move
 at least (each activation read and written once, forward and backward) over the measured
 copy bandwidth, and the bytes autograd saves for backward. The ceilings are measured in the
@@ -16,6 +17,7 @@ same call (a large bf16 matmul, a large device-to-device copy). Not a test; it n
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from animevq.kernels.group_norm_silu import fuse_group_norm_silu  # noqa: E402
 from animevq.nn.blocks import ResBlock, group_norm  # noqa: E402
 
 SHAPES = ((128, 256), (256, 128), (256, 64), (256, 32), (256, 16))  # the default model's levels
@@ -56,13 +59,20 @@ def ceilings() -> tuple[float, float]:
     return flops, bandwidth
 
 
+class NoNorm(nn.Identity):
+    """A ResBlock's norm slot without the norm: ``silu(x)`` is SiLU alone (the "no-GN" column)."""
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(x)
+
+
 class NormAct(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm, self.act = group_norm(channels), nn.SiLU()
+        self.norm = group_norm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(x))
+        return self.norm.silu(x)
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
@@ -99,7 +109,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: bf16 matmul {flop_rate / 1e12:.0f} TFLOP/s, "
           f"copy {bandwidth / 1e12:.2f} TB/s, batch {args.batch}")
     print(f"{'mode':<28}{'C×side':>9}{'block ms':>10}{'no-GN ms':>10}{'GN+SiLU ms':>12}"
-          f"{'conv floor':>12}{'byte floor':>12}{'saved MB':>10}")
+          f"{'fused block':>13}{'fused GN':>10}{'conv floor':>12}{'byte floor':>12}{'saved MB':>10}{'fused MB':>10}")
     for mode in args.modes:
         for channels, side in SHAPES:
             torch.manual_seed(0)
@@ -107,18 +117,23 @@ def main() -> None:
                 dtype=torch.bfloat16, memory_format=torch.channels_last).requires_grad_(True)
             block = ResBlock(channels).cuda().to(memory_format=torch.channels_last)
             bare = ResBlock(channels).cuda().to(memory_format=torch.channels_last)
-            bare.norm1, bare.norm2 = nn.Identity(), nn.Identity()
+            bare.norm1, bare.norm2 = NoNorm(), NoNorm()
             norm = NormAct(channels).cuda()
             saved = saved_bytes(torch.compile(block, mode=mode), x)
             times = [step_time(torch.compile(m, mode=mode), x) for m in (block, bare, norm)]
+            fused_block, fused_norm = copy.deepcopy(block), copy.deepcopy(norm)
+            fuse_group_norm_silu(fused_block), fuse_group_norm_silu(fused_norm)
+            fused_saved = saved_bytes(torch.compile(fused_block, mode=mode), x)
+            times += [step_time(torch.compile(m, mode=mode), x) for m in (fused_block, fused_norm)]
             conv_flops = 3 * 2 * (2 * 9 * channels * channels * side * side * args.batch)  # fwd + 2 bwd
             activation = x.numel() * x.element_size()
             # forward: each of 5 tensors (x, GN1 out, conv1 out, GN2 out, y) written or read once;
             # backward the same again plus the saved ones read: about 4x the forward's.
             floor_bytes = 4 * 5 * activation
             print(f"{mode:<28}{f'{channels}×{side}':>9}{times[0] * 1e3:>10.2f}{times[1] * 1e3:>10.2f}"
-                  f"{times[2] * 1e3:>12.2f}{conv_flops / flop_rate * 1e3:>12.2f}"
-                  f"{floor_bytes / bandwidth * 1e3:>12.2f}{saved / 1e6:>10.0f}")
+                  f"{times[2] * 1e3:>12.2f}{times[3] * 1e3:>13.2f}{times[4] * 1e3:>10.2f}"
+                  f"{conv_flops / flop_rate * 1e3:>12.2f}{floor_bytes / bandwidth * 1e3:>12.2f}"
+                  f"{saved / 1e6:>10.0f}{fused_saved / 1e6:>10.0f}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ and records each step's losses. The speed-ups are switched on one at a time, in 
 they were made, each compared with the run before it:
 
     VQ-VAE: bf16 eager NCHW, literal upsampling → channels_last → torch.compile
-            → phase-conv upsampling (the final configuration)
+            → phase-conv upsampling → fused GroupNorm + SiLU (the final configuration)
     VQ-GAN: textbook generator step (adaptive weight through the whole graph) → the
             single-pass step → all of the above
+
+``--last K`` runs the float32 and bf16 baselines (for the noise) and only the last K changes,
+the first of them compared with the bf16 baseline.
 
 "bf16 noise" is the same comparison between a float32 run and the bf16 baseline: a speed-up
 changes nothing beyond rounding if its differences are of that size or smaller. Training is
@@ -58,7 +61,7 @@ SMALL_LR = dict(learning_rate=1e-4, warmup_steps=0, log_every_n_steps=10**9, log
 VQVAE = dict(SMALL_LR, use_lpips=False, lambda_perc=0.0)
 VQGAN = dict(SMALL_LR, use_lpips=True, lpips_random_init=True, lambda_gan=0.1, disc_start=0, disc_norm="group")
 GROUP_OF = {"warmup_steps": "optimization", "lpips_random_init": "losses", "disc_start": "adversarial",
-            "disc_norm": "adversarial", "channels_last": "speed", "compile": "speed"}
+            "disc_norm": "adversarial", "channels_last": "speed", "compile": "speed", "fused_norm": "speed"}
 
 
 ACCELERATOR = ["gpu"]
@@ -123,9 +126,10 @@ def load_batches(folder: Path, steps: int, batch: int, size: int) -> list[torch.
 
 def run(name: str, kwargs: dict, state: dict | None, batches: list[torch.Tensor], *, precision: str = "bf16-mixed",
         channels_last: bool = False, compile: bool = False, phase_conv: bool = False,
-        textbook: bool = False) -> list[dict[str, float]]:
+        textbook: bool = False, fused_norm: bool = False) -> list[dict[str, float]]:
     torch.manual_seed(0)
-    model = Recorded(**arguments(dict(kwargs, channels_last=channels_last, compile=compile)))
+    speed = dict(channels_last=channels_last, compile=compile) | ({"fused_norm": fused_norm} if GROUPED else {})
+    model = Recorded(**arguments(dict(kwargs, **speed)))
     if state is not None:
         model.load_state_dict(state)
     if textbook:
@@ -169,6 +173,7 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, default=None, help="src/ of another animevq: compare versions")
     p.add_argument("--accelerator", default="gpu", help="cpu: a smoke test of the script, not a measurement")
     p.add_argument("--eager", action="store_true", help="--baseline: the final configuration without compiling")
+    p.add_argument("--last", type=int, default=None, help="only the last K changes (after the two baselines)")
     p.add_argument("--record", type=Path, default=None, help=argparse.SUPPRESS)  # a baseline process's output
     args = p.parse_args()
     if args.accelerator == "gpu" and not torch.cuda.is_available():
@@ -194,7 +199,10 @@ def main() -> None:
             chain.append(("+ single-pass generator step", {}))
         chain += [("+ channels_last", dict(channels_last=True)),
                   ("+ torch.compile", dict(channels_last=True, compile=True)),
-                  ("+ phase-conv upsampling (final)", dict(channels_last=True, compile=True, phase_conv=True))]
+                  ("+ phase-conv upsampling", dict(channels_last=True, compile=True, phase_conv=True)),
+                  ("+ fused GroupNorm + SiLU (final)", dict(FINAL))]
+        if args.last is not None:
+            chain = chain[:2] + chain[-args.last:]
         print(f"{variant}:", flush=True)
         runs = {name: run(name, kwargs, state, batches, **opts) for name, opts in chain}
         results[variant] = runs
@@ -218,7 +226,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"card": torch.cuda.get_device_name(), "runs": results}, indent=1))
 
 
-FINAL = dict(channels_last=True, compile=True, phase_conv=True)  # what the presets train with
+FINAL = dict(channels_last=True, compile=True, phase_conv=True, fused_norm=True)  # what the presets train with
 
 
 def compare_versions(args: argparse.Namespace, batches: list[torch.Tensor]) -> None:

@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from animevq.train.module import VQVAEModel  # noqa: E402
 from animevq.nn.blocks import Upsample  # noqa: E402
+from animevq.train.speed import fuse_norms  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0}  # SPEC §8: ≈800 dense bf16 achievable (datasheet 989)
 RANDOM_LPIPS = {"losses": {"lpips_random_init": True}}  # same FLOPs as the pretrained VGG16
@@ -204,7 +205,7 @@ def bench_train(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = VQVAEModel(log_every_n_steps=10**9, log_images_every_n_steps=10**9, optimization={"warmup_steps": 0},
                        speed={"channels_last": args.channels_last, "compile": args.compile,
-                              "compile_mode": args.compile_mode}, **VARIANTS[name],
+                              "compile_mode": args.compile_mode, "fused_norm": args.fused_norm}, **VARIANTS[name],
                        safety={"max_nonfinite_steps": 10 if args.guard else None}).cuda()
     x = torch.rand(args.batch, 3, args.size, args.size, device="cuda") * 2 - 1
     flops = count_step_flops(model, x, phase_conv=False)  # the architecture's FLOPs
@@ -235,6 +236,8 @@ def bench_encode(args: argparse.Namespace) -> dict:
     model = VQVAEModel(use_lpips=False).cuda().eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.fused_norm:
+        fuse_norms(model)
     if args.compile:
         model.tokenizer.encoder.compile(mode=args.compile_mode)
     x = torch.rand(args.encode_batch, 3, args.size, args.size, device="cuda") * 2 - 1
@@ -266,6 +269,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (model option compile)")
     p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--no-fused-norm", dest="fused_norm", action="store_false",
+                   help="GroupNorm + SiLU by PyTorch/Inductor, not animevq.kernels (model option fused_norm)")
     p.add_argument("--literal-upsample", dest="phase_conv", action="store_false",
                    help="run nearest-upsample + 3×3 conv literally (the 'before' of the phase rewrite)")
     p.add_argument("--no-guard", dest="guard", action="store_false",
@@ -282,7 +287,7 @@ def main() -> None:
     rows = [bench_train(v, args) for v in args.variants] + [bench_encode(args)]
     print(f"\n{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args.batch}, "
           f"{args.size}×{args.size}, bf16-mixed, channels_last={args.channels_last}, compile={args.compile} "
-          f"({args.compile_mode}), "
+          f"({args.compile_mode}), fused_norm={args.fused_norm}, "
           f"peak {args.peak:.0f} TFLOP/s")
     print(f"phase-conv upsampling={args.phase_conv}; TFLOP/s and % of peak use the architecture's FLOPs")
     print(f"{'variant':<18}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}{'executed':>10}{'TFLOP/s':>9}"
