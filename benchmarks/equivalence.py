@@ -215,7 +215,8 @@ def main() -> None:
             for key in keys:
                 row += [rel_diff(runs[names[i]], runs[ref], key, 10), rel_diff(runs[names[i]], runs[ref], key)]
             table.append(row)
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} steps of {args.batch} "
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\n{card}, torch {torch.__version__}, {args.steps} steps of {args.batch} "
           f"real images at {args.size}px; mean relative difference of the step losses vs the previous run")
     print(f"{'variant':<7} {'change':<34}{'total, 10 steps':>16}{'all steps':>11}{'G loss, 10':>12}{'all':>9}")
     for row in table:
