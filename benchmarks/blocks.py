@@ -76,16 +76,17 @@ class NormAct(nn.Module):
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cuda", torch.bfloat16):
-        module(x).float().square().mean().backward()
-    return total
+    """Bytes the forward pass leaves allocated for backward (saved tensors; the output not
+    counted). By allocator counts, not saved-tensor hooks: Dynamo cannot trace an
+    autograd.Function under those hooks."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", torch.bfloat16):
+        y = module(x)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+    y.float().square().mean().backward()
+    return held
 
 
 def step_time(module: nn.Module, x: torch.Tensor) -> float:

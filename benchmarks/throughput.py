@@ -284,7 +284,10 @@ def main() -> None:
     args.peak = args.peak or next((v for k, v in PEAK_TFLOPS.items() if k in card), 800.0)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    rows = [bench_train(v, args) for v in args.variants] + [bench_encode(args)]
+    rows = []
+    for bench in [lambda v=v: bench_train(v, args) for v in args.variants] + [lambda: bench_encode(args)]:
+        rows.append(bench())
+        print(f"done: {json.dumps(rows[-1])}", flush=True)  # kept if a later row is cut short
     print(f"\n{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args.batch}, "
           f"{args.size}×{args.size}, bf16-mixed, channels_last={args.channels_last}, compile={args.compile} "
           f"({args.compile_mode}), fused_norm={args.fused_norm}, "
