@@ -269,8 +269,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (model option compile)")
     p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--no-fused-norm", dest="fused_norm", action="store_false",
-                   help="GroupNorm + SiLU by PyTorch/Inductor, not animevq.kernels (model option fused_norm)")
+    p.add_argument("--fused-norm", action="store_true",
+                   help="GroupNorm + SiLU in animevq.kernels, not by PyTorch/Inductor (model option fused_norm)")
     p.add_argument("--literal-upsample", dest="phase_conv", action="store_false",
                    help="run nearest-upsample + 3×3 conv literally (the 'before' of the phase rewrite)")
     p.add_argument("--no-guard", dest="guard", action="store_false",

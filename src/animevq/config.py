@@ -207,7 +207,8 @@ class SpeedOptions(Checked):
     compile: bool = False
     """torch.compile the networks (fuses GroupNorm + SiLU); the GPU presets turn it on."""
     fused_norm: bool = False
-    """On CUDA, ResBlocks' GroupNorm + SiLU in Triton kernels (``animevq.kernels``; not yet measured)."""
+    """On CUDA, ResBlocks' GroupNorm + SiLU in Triton kernels (``animevq.kernels``). Off: on an
+    H200 under compile it trained no faster than Inductor's fusion (BENCHMARKS.md)."""
     compile_mode: CompileMode = "default"
     """torch.compile's mode: "default", or "max-autotune-no-cudagraphs" (times Triton kernel
     configurations and convolution choices at the first step: slower to start)."""
