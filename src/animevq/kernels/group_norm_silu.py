@@ -132,9 +132,9 @@ def _grad_sums(x_ptr, dout_ptr, scale_ptr, shift_ptr, hat_scale_ptr, hat_shift_p
 
 
 @triton.jit
-def _grad_input(x_ptr, dout_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr, c_ptr, dx_ptr, HW, C,
+def _grad_input(x_ptr, dout_ptr, scale_ptr, shift_ptr, b_ptr, c_ptr, dx_ptr, HW, C,
                 BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = a·dy + b·x + c with a, b, c per (sample, channel)."""
+    """dx = scale·dy + b·x + c with b, c per (sample, channel) (scale = γ·σ⁻¹, the forward's)."""
     n, r = tl.program_id(0).to(tl.int64), tl.program_id(1)
     rows = r * BLOCK_HW + tl.arange(0, BLOCK_HW)
     cols = tl.arange(0, BLOCK_C)
@@ -146,10 +146,9 @@ def _grad_input(x_ptr, dout_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr, c_ptr, dx_p
     per = n * C + cols
     scale = tl.load(scale_ptr + per, mask=col_ok, other=0.0)
     shift = tl.load(shift_ptr + per, mask=col_ok, other=0.0)
-    a = tl.load(a_ptr + per, mask=col_ok, other=0.0)
     b = tl.load(b_ptr + per, mask=col_ok, other=0.0)
     c = tl.load(c_ptr + per, mask=col_ok, other=0.0)
-    dx = a[None, :] * _silu_grad(x, dout, scale, shift) + b[None, :] * x + c[None, :]
+    dx = scale[None, :] * _silu_grad(x, dout, scale, shift) + b[None, :] * x + c[None, :]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
@@ -217,17 +216,17 @@ def _(x: torch.Tensor, dout: torch.Tensor, scale: torch.Tensor, shift: torch.Ten
 
 @torch.library.custom_op("animevq::gn_silu_grad_input", mutates_args=())
 def _grad_input_op(x: torch.Tensor, dout: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                   a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+                   b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     B, C, HW, block_hw, block_c = _geometry(x)
     dx = torch.empty_like(x, memory_format=torch.channels_last)
-    _grad_input[(B, triton.cdiv(HW, block_hw))](x, dout, scale, shift, a, b, c, dx, HW, C,
+    _grad_input[(B, triton.cdiv(HW, block_hw))](x, dout, scale, shift, b, c, dx, HW, C,
                                                BLOCK_HW=block_hw, BLOCK_C=block_c)
     return dx
 
 
 @_grad_input_op.register_fake
 def _(x: torch.Tensor, dout: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-      a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+      b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
@@ -235,9 +234,9 @@ def _group_moments(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tens
     """(mean, 1/√(var+eps)) per (sample, group), each (B, G) float32, from per-tile channel moments."""
     B, C, H, W = x.shape
     mean_kc, m2_kc = _channel_stats_op(x)  # (B, K, C)
-    block_hw = _block_hw(C)
-    rows = (H * W - torch.arange(mean_kc.shape[1], device=x.device) * block_hw * _tiles_per_program(H * W, block_hw))
-    count = rows.clamp(max=block_hw * _tiles_per_program(H * W, block_hw)).float()  # rows per program, (K,)
+    span = _block_hw(C) * _tiles_per_program(H * W, _block_hw(C))  # rows each statistics program covers
+    rows = H * W - torch.arange(mean_kc.shape[1], device=x.device) * span
+    count = rows.clamp(max=span).float()  # rows per program, (K,)
     mean_kc = mean_kc.unflatten(2, (groups, C // groups))  # (B, K, G, C/G)
     m2_kc = m2_kc.unflatten(2, (groups, C // groups))
     weight = count.view(1, -1, 1, 1)
@@ -276,10 +275,9 @@ class _GroupNormSiLU(torch.autograd.Function):
         s1 = (gamma * sum_dy).unflatten(1, (G, C // G)).sum(2)  # Σ_g γ·dy, (B, G)
         s2 = (gamma * sum_dyx).unflatten(1, (G, C // G)).sum(2)  # Σ_g γ·dy·x̂
         total = H * W * (C // G)
-        a = _per_channel(rstd, C) * gamma
         b = _per_channel(-rstd.square() * s2 / total, C)
         c = _per_channel(rstd * (mean * rstd * s2 - s1) / total, C)
-        dx = _grad_input_op(x, dout, scale, shift, a, b, c)
+        dx = _grad_input_op(x, dout, scale, shift, b, c)  # dx = scale·dy + b·x + c
         return dx, sum_dyx.sum(0).to(weight.dtype), sum_dy.sum(0).to(weight.dtype), None, None
 
 
