@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -45,7 +44,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-HOST = "127.0.0.1"
+from ports import HOST, free_port
+
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Flags for a browser that touches nothing but the page it is given.
 CHROMIUM_FLAGS = (
@@ -70,12 +70,6 @@ def find_chromium() -> str | None:
         if path:
             return path
     return None
-
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _http_get(url: str, timeout: float = 10.0) -> bytes:

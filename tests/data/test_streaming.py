@@ -16,7 +16,7 @@ from PIL import Image
 
 from animevq.data import AnimeDataModule, LoaderPosition, PrepareOptions, prepare_folder
 from animevq.tools.prepare import main as prepare_main
-from dashboard import free_port
+from gloo import spawn_ranks
 
 S = 16
 COUNT = 40  # images, each one flat colour: crops and flips keep it, so it names the image
@@ -88,26 +88,14 @@ def test_an_epoch_started_part_way_is_the_rest_of_that_epoch(stream: Path, worke
         assert all(torch.equal(a, b) for a, b in zip(rest, whole[done:]))
 
 
-def _rank(rank: int, port: int, data: str, out: str) -> None:
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        dm = _module(Path(data), num_workers=1)
-        torch.save([_ids(_epoch(dm, epoch)) for epoch in range(2)], f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank(rank: int, data: str, out: str) -> None:
+    dm = _module(Path(data), num_workers=1)
+    torch.save([_ids(_epoch(dm, epoch)) for epoch in range(2)], f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.timeout(180)
 def test_two_gloo_ranks_read_disjoint_images_in_equal_batches(stream: Path, tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_rank, args=(free_port(), str(stream), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    spawn_ranks(_rank, str(stream), str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     train = set(range(COUNT)) - set(_ids(_epoch(_module(stream), 0, train=False)))  # the training split
     for epoch in range(2):

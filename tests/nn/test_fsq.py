@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from gloo import spawn_ranks
+
 from animevq.nn.quantizer_config import FSQConfig
 from animevq.nn.quantizers import FiniteScalarQuantizer, build_quantizer
 
@@ -99,20 +101,13 @@ def test_built_from_its_config_and_bad_levels_refused() -> None:
         FiniteScalarQuantizer(LEVELS)(torch.zeros(1, 3, 2, 2))
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    import os
-
+def _ddp_worker(rank: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        grad, counts = _fsq_step(_global_batch()[2 * rank : 2 * rank + 2])
-        dist.all_reduce(grad)
-        dist.all_reduce(counts)
-        torch.save((grad / 2, counts), f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    grad, counts = _fsq_step(_global_batch()[2 * rank : 2 * rank + 2])
+    dist.all_reduce(grad)
+    dist.all_reduce(counts)
+    torch.save((grad / 2, counts), f"{out}/rank{rank}.pt")
 
 
 def _global_batch() -> torch.Tensor:
@@ -130,14 +125,7 @@ def _fsq_step(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_gloo_ddp_equals_one_process_on_the_global_batch(tmp_path) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_ddp_worker, str(tmp_path))
     grad, counts = _fsq_step(_global_batch())
     for rank in range(2):
         ddp_grad, ddp_counts = torch.load(tmp_path / f"rank{rank}.pt")

@@ -3,15 +3,14 @@ double quantisation loss against float64 references, DDP parity."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from gloo import spawn_ranks
 
 from animevq.nn.quantizer_config import IBQConfig
 from animevq.nn.quantizers import IndexBackpropagationQuantizer, build_quantizer
@@ -211,12 +210,6 @@ def test_the_entropy_loss_keeps_a_collapsing_codebook_in_use() -> None:
 # DDP: each rank takes half of one global batch; averaged gradients equal one process's.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def objective(q: IndexBackpropagationQuantizer, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of the family's loss plus a decoder-like mean of z_q (a per-vector average,
     as a reconstruction loss is, so DDP's gradient average matches the global batch)."""
@@ -227,22 +220,17 @@ def objective(q: IndexBackpropagationQuantizer, z: torch.Tensor) -> tuple[torch.
     return q.embedding.grad.flatten(), out.stats.counts
 
 
-def worker(rank: int, port: int, result_dir: str) -> None:
+def worker(rank: int, result_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        z = latents(2 * WORLD)[2 * rank : 2 * rank + 2]
-        grads, counts = objective(make(entropy_weight=0.05), z)
-        dist.all_reduce(grads)
-        torch.save({"grads": grads / WORLD, "counts": counts}, Path(result_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    z = latents(2 * WORLD)[2 * rank : 2 * rank + 2]
+    grads, counts = objective(make(entropy_weight=0.05), z)
+    dist.all_reduce(grads)
+    torch.save({"grads": grads / WORLD, "counts": counts}, Path(result_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.timeout(120)
 def test_ddp_halves_average_to_the_global_batch(tmp_path: Path) -> None:
-    mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    spawn_ranks(worker, str(tmp_path), world=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     grads, counts = objective(make(entropy_weight=0.05), latents(2 * WORLD))  # the entropy is of the global batch
     assert (grads.view(K, D).abs().sum(1) > 0).all()

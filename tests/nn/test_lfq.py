@@ -7,6 +7,8 @@ import itertools
 import pytest
 import torch
 
+from gloo import spawn_ranks
+
 from animevq.nn.quantizer_config import LFQConfig
 from animevq.nn.quantizers import LookupFreeQuantizer, build_quantizer
 from animevq.nn.quantizers.lfq import bit_groups
@@ -129,32 +131,18 @@ def _global_batch() -> torch.Tensor:
     return torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(1))
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    import os
-
+def _ddp_worker(rank: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        grad, loss = _step(_global_batch()[2 * rank : 2 * rank + 2])
-        dist.all_reduce(grad)  # what DDP does, then divides by the world size
-        torch.save((grad / 2, loss), f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    grad, loss = _step(_global_batch()[2 * rank : 2 * rank + 2])
+    dist.all_reduce(grad)  # what DDP does, then divides by the world size
+    torch.save((grad / 2, loss), f"{out}/rank{rank}.pt")
 
 
 def test_gloo_ddp_equals_one_process_on_the_global_batch(tmp_path) -> None:
     """The codebook entropy is of the global batch's mean: under DDP, the loss on every rank and
     the averaged gradient equal those of one process that sees every rank's images."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_ddp_worker, str(tmp_path))
     grad, loss = _step(_global_batch())
     for rank in range(2):
         ddp_grad, ddp_loss = torch.load(tmp_path / f"rank{rank}.pt")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import model_kwargs, tiny_trainer
+from gloo import spawn_ranks
 
 from animevq.nn.quantizers import VectorQuantizerEMA
 from animevq.train.module import VQVAEModel
@@ -20,12 +18,6 @@ from animevq.train.module import VQVAEModel
 WORLD = 2
 STEPS = 12
 K, D = 16, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batches(collapse: bool) -> list[torch.Tensor]:
@@ -45,28 +37,22 @@ def make_quantizer(sampling: str = "error") -> VectorQuantizerEMA:
     return VectorQuantizerEMA(K, D, decay=0.8, dead_code_threshold=0.5, restart_sampling=sampling).train()
 
 
-def worker(rank: int, port: int, collapse: bool, result_dir: str, sampling: str = "error") -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        vq = make_quantizer(sampling)
-        history = []
-        for z in batches(collapse):
-            local = z[2 * rank : 2 * rank + 2]
-            vq(local)
-            state = torch.cat([vq.codebook.flatten(), vq.cluster_size, vq.embed_sum.flatten()])
-            gathered = [torch.empty_like(state) for _ in range(WORLD)]
-            dist.all_gather(gathered, state)
-            assert torch.equal(gathered[0], gathered[1]), f"ranks differ after step {len(history)}"
-            history.append(state)
-        torch.save(torch.stack(history), Path(result_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def worker(rank: int, collapse: bool, result_dir: str, sampling: str = "error") -> None:
+    vq = make_quantizer(sampling)
+    history = []
+    for z in batches(collapse):
+        local = z[2 * rank : 2 * rank + 2]
+        vq(local)
+        state = torch.cat([vq.codebook.flatten(), vq.cluster_size, vq.embed_sum.flatten()])
+        gathered = [torch.empty_like(state) for _ in range(WORLD)]
+        dist.all_gather(gathered, state)
+        assert torch.equal(gathered[0], gathered[1]), f"ranks differ after step {len(history)}"
+        history.append(state)
+    torch.save(torch.stack(history), Path(result_dir) / f"rank{rank}.pt")
 
 
 def run_ranks(tmp_path: Path, collapse: bool, sampling: str = "error") -> torch.Tensor:
-    mp.start_processes(worker, args=(free_port(), collapse, str(tmp_path), sampling), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    spawn_ranks(worker, collapse, str(tmp_path), sampling, world=WORLD)
     return torch.load(tmp_path / "rank0.pt")
 
 
