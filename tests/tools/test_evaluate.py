@@ -64,6 +64,26 @@ def test_evaluate_reports_per_image_means(model: VQVAEModel, images: Path, tmp_p
     assert Image.open(tmp_path / "eval" / "code_usage.png").size == (512, 256)
 
 
+
+def test_evaluate_replaces_links_in_out_instead_of_writing_through_them(model: VQVAEModel, images: Path,
+                                                                        tmp_path: Path) -> None:
+    """Each output is written beside its name and renamed over it: a link left in --out (or
+    planted there) is replaced, and the file it points to keeps its bytes."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    precious = tmp_path / "precious.json"
+    precious.write_text('{"keep": true}\n')
+    for name in ("report.json", "samples.png", "code_usage.png"):
+        (out / name).symlink_to(precious)
+    report = evaluate.evaluate(model.tokenizer, images, batch_size=2, image_size=SIZE, out_dir=out,
+                               compute_fid=False, lpips_metric=LPIPS(random_init=True), progress=False)
+    assert precious.read_text() == '{"keep": true}\n'
+    assert not any((out / name).is_symlink() for name in ("report.json", "samples.png", "code_usage.png"))
+    assert json.loads((out / "report.json").read_text())["num_images"] == report["num_images"] == 5
+    assert Image.open(out / "samples.png").format == "PNG"
+    assert sorted(p.name for p in out.iterdir()) == ["code_usage.png", "report.json", "samples.png"]  # no temporaries
+
+
 def test_code_tally_splits_drawing_from_background_cells() -> None:
     page = torch.ones(1, 3, 32, 32)
     page[:, :, 2:10, 3:12] = 0.3  # a drawing in the top-left 16-px cell only

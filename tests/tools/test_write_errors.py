@@ -68,3 +68,19 @@ def test_a_file_name_too_long_names_the_file(ckpt: Path, tmp_path: Path, capsys:
                "--image_size", "32", "--num_workers", "0", "--quiet")
     assert err.startswith(f"animevq reconstruct: error: cannot write {out}/{stem}.") and ".png: File name too long; " \
         "choose a shorter --out, or give the inputs shorter names" in err, err
+
+
+def test_an_output_name_that_fits_is_written_though_its_temporary_name_would_not(
+        ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 251 + ".png" = 255 bytes: the longest name ext4 allows; ".<name>.tmp" would be 260.
+    folder = tmp_path / "long"
+    folder.mkdir()
+    stem = "b" * 251
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(folder / f"{stem}.jpg")
+    out = tmp_path / "rec"
+    with pytest.raises(SystemExit) as ok:
+        cli_main(["reconstruct", "--ckpt", str(ckpt), "--input", str(folder), "--out", str(out),
+                  "--image_size", "32", "--num_workers", "0", "--quiet"])
+    assert ok.value.code == 0, capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [f"{stem}.png"]
+    assert Image.open(out / f"{stem}.png").size == (32, 32)

@@ -13,6 +13,8 @@ downsampling factor (16 for four stages); indices (B,h,w), or flattened (B,h·w)
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -42,6 +44,7 @@ CARD_NAME = "README.md"  # the model card, where the Hub looks for it
 MAX_IMAGE_SIDE = 1 << 16  # a recorded training size above this is not believed
 EXPORT_FORMAT = 2  # config.json "_format_version"; 0.1's exports have none (format 1)
 _FORMAT_TAG = f"animevq.tokenizer/{EXPORT_FORMAT}"  # in the safetensors metadata
+NAME_MAX = 255  # bytes in one file name on ext4, XFS, btrfs and tmpfs
 
 
 class TokenizerOutput(NamedTuple):
@@ -306,10 +309,13 @@ def write_whole(path: Path, data: bytes) -> None:
         OSError: naming ``path``.
     """
     tmp = path.with_name(f".{path.name}.tmp")
+    if len(os.fsencode(tmp.name)) > NAME_MAX:  # a name that fits may not fit with the temporary's dots
+        tmp = path.with_name(f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:32]}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise OSError(error.errno, error.strerror or str(error), str(path)) from error

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..nn.tokenizer import write_whole
 from ..runs.checkpoint_io import os_error
 from ..data import (
     IMAGE_EXTENSIONS,
@@ -129,12 +131,20 @@ def output_names(files: Sequence[str]) -> list[str]:
     return [f"{stem}.png" if taken[stem] == 1 else f"{f}.png" for stem, f in zip(stems, files)]
 
 
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Write a uint8 image (H,W) or (H,W,C) as a PNG, whole or not at all: an interrupted run
+    never leaves a truncated file, nor replaces one that was there with one."""
+    encoded = io.BytesIO()
+    Image.fromarray(array).save(encoded, format="PNG")
+    write_whole(path, encoded.getvalue())
+
+
 def save_pngs(images: torch.Tensor, paths: Sequence[Path]) -> list[Path]:
-    """Write images (B,3,H,W) in [-1,1] as 8-bit PNGs."""
+    """Write images (B,3,H,W) in [-1,1] as 8-bit PNGs (each with :func:`save_png`)."""
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     for array, path in zip(pixels, paths):  # (H,W,3) each
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(path)
+        save_png(array, path)
     return list(paths)
 
 

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from ..nn.quantizers import code_counts, code_stats
-from ..nn.tokenizer import Tokenizer
+from ..nn.tokenizer import Tokenizer, write_whole
 from ..runs.checkpoint_io import load_tokenizer
 from ..tracking.images import code_usage_plot, make_reconstruction_grid
 from . import metrics
@@ -41,6 +40,7 @@ from .common import (
     resolve_device,
     resolve_precision,
     run_tool,
+    save_png,
 )
 
 __all__ = ["REPORT_NAME", "CodeTally", "evaluate", "main"]
@@ -241,10 +241,10 @@ def _write_outputs(out: Path, report: dict[str, Any], samples: list[tuple[torch.
                    counts: torch.Tensor) -> None:
     x = torch.cat([s[0] for s in samples])[:NUM_SAMPLES]
     x_rec = torch.cat([s[1] for s in samples])[:NUM_SAMPLES]
-    Image.fromarray(make_reconstruction_grid(x, x_rec, max_images=NUM_SAMPLES)).save(out / "samples.png")
-    Image.fromarray(code_usage_plot(counts)).save(out / "code_usage.png")
+    save_png(make_reconstruction_grid(x, x_rec, max_images=NUM_SAMPLES), out / "samples.png")
+    save_png(code_usage_plot(counts), out / "code_usage.png")
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
-    (out / REPORT_NAME).write_text(json.dumps(clean, indent=2) + "\n")
+    write_whole(out / REPORT_NAME, (json.dumps(clean, indent=2) + "\n").encode())  # the report last: it vouches for the rest
 
 
 def main(argv: Sequence[str]) -> int:

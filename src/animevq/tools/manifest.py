@@ -12,14 +12,16 @@ at a time, so memory stays bounded whatever a shard claims.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from ..nn.tokenizer import write_whole
 
 __all__ = [
     "FORMAT",
@@ -60,17 +62,15 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)  # atomic: an interrupted run never leaves half a manifest
+    write_whole(path, (json.dumps(value, indent=1) + "\n").encode())  # an interrupted run never leaves half a manifest
 
 
 def write_shard(out: Path, index: int, codes: np.ndarray, offset: int, sources: list[int]) -> dict[str, Any]:
     """Write codes (n,h,w) atomically as shard ``index``; returns its manifest entry."""
     name = _SHARD_NAME.format(index)
-    with open(out / (name + ".tmp"), "wb") as f:
-        np.save(f, codes)
-    os.replace(out / (name + ".tmp"), out / name)
+    encoded = io.BytesIO()
+    np.save(encoded, codes)
+    write_whole(out / name, encoded.getvalue())
     return {"name": name, "sources": sources, "offset": offset, "count": len(codes), "sha256": sha256_file(out / name)}
 
 
