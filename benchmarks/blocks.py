@@ -7,7 +7,8 @@ each of its resolutions, forward + backward, compiled, against its two floors.
 For each (channels, side) of the default autoencoder it times, at batch 32 in bf16 autocast
 and channels_last: the ResBlock; the same block with its GroupNorms replaced by identities
 (what the convolutions and SiLU cost alone); GroupNorm + SiLU alone; and the block and the
-norm with GroupNorm + SiLU in animevq.kernels' Triton kernels ("fused"). Beside each it
+norm with GroupNorm + SiLU in animevq.kernels' Triton kernels ("fused"), and computed from
+per-channel sums (``animevq.nn.blocks.CHANNEL_SUMS``, "sums"). Beside each it
 prints the convolutions' FLOPs over the measured bf16 matrix rate, the bytes that must move
 at least (each activation read and written once, forward and backward) over the measured
 copy bandwidth, and the bytes autograd saves for backward. The ceilings are measured in the
@@ -28,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from animevq.kernels.group_norm_silu import fuse_group_norm_silu  # noqa: E402
-from animevq.nn.blocks import ResBlock, group_norm  # noqa: E402
+from animevq.nn.blocks import CHANNEL_SUMS, ResBlock, group_norm, set_norm_silu_kernel  # noqa: E402
 
 SHAPES = ((128, 256), (256, 128), (256, 64), (256, 32), (256, 16))  # the default model's levels
 
@@ -110,7 +111,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: bf16 matmul {flop_rate / 1e12:.0f} TFLOP/s, "
           f"copy {bandwidth / 1e12:.2f} TB/s, batch {args.batch}")
     print(f"{'mode':<28}{'C×side':>9}{'block ms':>10}{'no-GN ms':>10}{'GN+SiLU ms':>12}"
-          f"{'fused block':>13}{'fused GN':>10}{'conv floor':>12}{'byte floor':>12}{'saved MB':>10}{'fused MB':>10}")
+          f"{'fused block':>13}{'fused GN':>10}{'sums block':>12}{'sums GN':>9}{'conv floor':>12}{'byte floor':>12}"
+          f"{'saved MB':>10}{'fused MB':>10}{'sums MB':>9}")
     for mode in args.modes:
         for channels, side in SHAPES:
             torch.manual_seed(0)
@@ -126,6 +128,10 @@ def main() -> None:
             fuse_group_norm_silu(fused_block), fuse_group_norm_silu(fused_norm)
             fused_saved = saved_bytes(torch.compile(fused_block, mode=mode), x)
             times += [step_time(torch.compile(m, mode=mode), x) for m in (fused_block, fused_norm)]
+            sums_block, sums_norm = copy.deepcopy(block), copy.deepcopy(norm)
+            set_norm_silu_kernel(sums_block, CHANNEL_SUMS), set_norm_silu_kernel(sums_norm, CHANNEL_SUMS)
+            sums_saved = saved_bytes(torch.compile(sums_block, mode=mode), x)
+            times += [step_time(torch.compile(m, mode=mode), x) for m in (sums_block, sums_norm)]
             conv_flops = 3 * 2 * (2 * 9 * channels * channels * side * side * args.batch)  # fwd + 2 bwd
             activation = x.numel() * x.element_size()
             # forward: each of 5 tensors (x, GN1 out, conv1 out, GN2 out, y) written or read once;
@@ -133,8 +139,9 @@ def main() -> None:
             floor_bytes = 4 * 5 * activation
             print(f"{mode:<28}{f'{channels}×{side}':>9}{times[0] * 1e3:>10.2f}{times[1] * 1e3:>10.2f}"
                   f"{times[2] * 1e3:>12.2f}{times[3] * 1e3:>13.2f}{times[4] * 1e3:>10.2f}"
+                  f"{times[5] * 1e3:>12.2f}{times[6] * 1e3:>9.2f}"
                   f"{conv_flops / flop_rate * 1e3:>12.2f}{floor_bytes / bandwidth * 1e3:>12.2f}"
-                  f"{saved / 1e6:>10.0f}{fused_saved / 1e6:>10.0f}")
+                  f"{saved / 1e6:>10.0f}{fused_saved / 1e6:>10.0f}{sums_saved / 1e6:>9.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ they were made, each compared with the run before it:
     VQ-VAE: bf16 eager NCHW, literal upsampling → channels_last → torch.compile
             → phase-conv upsampling (the final configuration)
             → fused GroupNorm + SiLU (``speed.fused_norm``, off by default)
+            → GroupNorm + SiLU from per-channel sums (``animevq.nn.blocks.CHANNEL_SUMS``, a
+              candidate; compared with the final configuration)
     VQ-GAN: textbook generator step (adaptive weight through the whole graph) → the
             single-pass step → all of the above
 
@@ -127,7 +129,7 @@ def load_batches(folder: Path, steps: int, batch: int, size: int) -> list[torch.
 
 def run(name: str, kwargs: dict, state: dict | None, batches: list[torch.Tensor], *, precision: str = "bf16-mixed",
         channels_last: bool = False, compile: bool = False, phase_conv: bool = False,
-        textbook: bool = False, fused_norm: bool = False) -> list[dict[str, float]]:
+        textbook: bool = False, fused_norm: bool = False, channel_sums: bool = False) -> list[dict[str, float]]:
     torch.manual_seed(0)
     speed = dict(channels_last=channels_last, compile=compile) | ({"fused_norm": fused_norm} if GROUPED else {})
     model = Recorded(**arguments(dict(kwargs, **speed)))
@@ -135,6 +137,10 @@ def run(name: str, kwargs: dict, state: dict | None, batches: list[torch.Tensor]
         model.load_state_dict(state)
     if textbook:
         model.use_textbook_generator()
+    if channel_sums:  # not in older versions: imported only when asked for
+        from animevq.nn.blocks import CHANNEL_SUMS, set_norm_silu_kernel
+
+        set_norm_silu_kernel(model, CHANNEL_SUMS)
     initial_sha = tokenizer_sha256(model)
     for module in model.modules():
         if isinstance(module, Upsample):
@@ -200,8 +206,9 @@ def main() -> None:
             chain.append(("+ single-pass generator step", {}))
         chain += [("+ channels_last", dict(channels_last=True)),
                   ("+ torch.compile", dict(channels_last=True, compile=True)),
-                  ("+ phase-conv upsampling (final)", dict(FINAL)),
-                  ("+ fused GroupNorm + SiLU (opt-in)", dict(FINAL, fused_norm=True))]
+                  (FINAL_ROW, dict(FINAL)),
+                  ("+ fused GroupNorm + SiLU (opt-in)", dict(FINAL, fused_norm=True)),
+                  (CHANNEL_SUMS_ROW, dict(FINAL, channel_sums=True))]
         if args.last is not None:
             chain = chain[:2] + chain[-args.last:]
         print(f"{variant}:", flush=True)
@@ -210,7 +217,7 @@ def main() -> None:
         names = list(runs)
         keys = ("total", "g_loss") if gan else ("total",)
         for i in range(1, len(names)):
-            ref = names[i - 1]
+            ref = FINAL_ROW if names[i] == CHANNEL_SUMS_ROW and FINAL_ROW in runs else names[i - 1]
             label = "bf16 noise (vs float32)" if i == 1 else names[i]
             row = [variant, label, ref]
             for key in keys:
@@ -229,6 +236,8 @@ def main() -> None:
 
 
 FINAL = dict(channels_last=True, compile=True, phase_conv=True)  # what the presets train with
+FINAL_ROW = "+ phase-conv upsampling (final)"
+CHANNEL_SUMS_ROW = "+ channel-sums GroupNorm (candidate)"
 
 
 def compare_versions(args: argparse.Namespace, batches: list[torch.Tensor]) -> None:

@@ -36,7 +36,7 @@ import lightning.pytorch as pl  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from animevq.train.module import VQVAEModel  # noqa: E402
-from animevq.nn.blocks import Upsample  # noqa: E402
+from animevq.nn.blocks import CHANNEL_SUMS, Upsample, set_norm_silu_kernel  # noqa: E402
 from animevq.train.speed import fuse_norms  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0}  # SPEC §8: ≈800 dense bf16 achievable (datasheet 989)
@@ -207,6 +207,8 @@ def bench_train(name: str, args: argparse.Namespace) -> dict:
                        speed={"channels_last": args.channels_last, "compile": args.compile,
                               "compile_mode": args.compile_mode, "fused_norm": args.fused_norm}, **VARIANTS[name],
                        safety={"max_nonfinite_steps": 10 if args.guard else None}).cuda()
+    if args.channel_sums:
+        set_norm_silu_kernel(model, CHANNEL_SUMS)
     x = torch.rand(args.batch, 3, args.size, args.size, device="cuda") * 2 - 1
     flops = count_step_flops(model, x, phase_conv=False)  # the architecture's FLOPs
     executed = count_step_flops(model, x, phase_conv=args.phase_conv)
@@ -238,6 +240,8 @@ def bench_encode(args: argparse.Namespace) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if args.fused_norm:
         fuse_norms(model)
+    if args.channel_sums:
+        set_norm_silu_kernel(model, CHANNEL_SUMS)
     if args.compile:
         model.tokenizer.encoder.compile(mode=args.compile_mode)
     x = torch.rand(args.encode_batch, 3, args.size, args.size, device="cuda") * 2 - 1
@@ -271,6 +275,8 @@ def main() -> None:
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--fused-norm", action="store_true",
                    help="GroupNorm + SiLU in animevq.kernels, not by PyTorch/Inductor (model option fused_norm)")
+    p.add_argument("--channel-sums", action="store_true",
+                   help="GroupNorm + SiLU from per-channel sums (animevq.nn.blocks.CHANNEL_SUMS), compiled by Inductor")
     p.add_argument("--literal-upsample", dest="phase_conv", action="store_false",
                    help="run nearest-upsample + 3×3 conv literally (the 'before' of the phase rewrite)")
     p.add_argument("--no-guard", dest="guard", action="store_false",
@@ -290,7 +296,7 @@ def main() -> None:
         print(f"done: {json.dumps(rows[-1])}", flush=True)  # kept if a later row is cut short
     print(f"\n{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args.batch}, "
           f"{args.size}×{args.size}, bf16-mixed, channels_last={args.channels_last}, compile={args.compile} "
-          f"({args.compile_mode}), fused_norm={args.fused_norm}, "
+          f"({args.compile_mode}), fused_norm={args.fused_norm}, channel_sums={args.channel_sums}, "
           f"peak {args.peak:.0f} TFLOP/s")
     print(f"phase-conv upsampling={args.phase_conv}; TFLOP/s and % of peak use the architecture's FLOPs")
     print(f"{'variant':<18}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}{'executed':>10}{'TFLOP/s':>9}"

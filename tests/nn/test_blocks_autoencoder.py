@@ -1,12 +1,23 @@
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from animevq.nn.autoencoder import Decoder, Encoder
-from animevq.nn.blocks import ResBlock, Upsample, group_norm, norm_groups, upsample_conv3x3
+from animevq.nn.blocks import (
+    CHANNEL_SUMS,
+    GROUP_NORM_EPS,
+    ResBlock,
+    Upsample,
+    group_norm,
+    group_norm_silu_by_channel_sums,
+    norm_groups,
+    set_norm_silu_kernel,
+    upsample_conv3x3,
+)
 
 
 @pytest.mark.parametrize(
@@ -148,3 +159,60 @@ def test_group_norm_matches_torch_and_keeps_channels_last_when_compiling(monkeyp
         assert seen[0].is_contiguous(memory_format=torch.channels_last)
     else:  # eager: the kernel's own layouts, untouched
         assert got.is_contiguous() and seen[0].is_contiguous()
+
+
+def _norm_silu_reference(x, weight, bias, groups):
+    return F.silu(F.group_norm(x, groups, weight, bias, GROUP_NORM_EPS))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])  # 1e3: channel means far from zero against a spread of 1
+def test_group_norm_silu_by_channel_sums_is_group_norm_then_silu(offset: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 12, 5, 7, generator=g, dtype=torch.float64) + offset * torch.randn(1, 12, 1, 1, generator=g,
+         dtype=torch.float64)).requires_grad_(True)
+    weight = torch.randn(12, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 12, 5, 7, generator=g, dtype=torch.float64)
+    got = group_norm_silu_by_channel_sums(x, weight, bias, 3, GROUP_NORM_EPS)
+    expected = _norm_silu_reference(x, weight, bias, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    for ours, theirs in zip(torch.autograd.grad(got, (x, weight, bias), grad),
+                            torch.autograd.grad(expected, (x, weight, bias), grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-8)
+    # float32 with a large mean: no worse than ATen's Welford against float64
+    x32, w32, b32 = x.detach().float(), weight.detach().float(), bias.detach().float()
+    error = (group_norm_silu_by_channel_sums(x32, w32, b32, 3, GROUP_NORM_EPS).double() - expected).abs().max()
+    aten_error = (_norm_silu_reference(x32, w32, b32, 3).double() - expected).abs().max()
+    assert error <= 2 * aten_error + 1e-6, (error, aten_error)
+
+
+def test_group_norm_silu_by_channel_sums_computes_in_float32_and_returns_the_input_dtype() -> None:
+    x = torch.randn(2, 8, 4, 4).to(torch.bfloat16)
+    weight, bias = torch.randn(8), torch.randn(8)
+    got = group_norm_silu_by_channel_sums(x, weight, bias, 2, GROUP_NORM_EPS)
+    assert got.dtype == torch.bfloat16
+    expected = _norm_silu_reference(x.float(), weight, bias, 2)
+    torch.testing.assert_close(got.float(), expected, rtol=2**-8, atol=1e-6)  # one rounding of the float32 result
+
+
+def test_compiled_resblock_with_channel_sums_matches_eager_and_keeps_channels_last() -> None:
+    torch.manual_seed(0)
+    block = ResBlock(16)
+    for norm in (block.norm1, block.norm2):
+        torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    summed = copy.deepcopy(block)
+    assert set_norm_silu_kernel(summed, CHANNEL_SUMS) == 2
+    assert summed.state_dict().keys() == block.state_dict().keys()
+    x = (torch.randn(2, 16, 8, 8) * 3 + 2).to(memory_format=torch.channels_last)
+    grad = torch.randn(2, 16, 8, 8)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    expected = block(x1)
+    expected.backward(grad)
+    assert not CHANNEL_SUMS.supports(x, 4)  # eager: ATen's kernels
+    got = torch.compile(summed, backend="aot_eager")(x2)  # traced: the channel-sums form runs
+    got.backward(grad)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(summed.parameters(), block.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+    assert got.is_contiguous(memory_format=torch.channels_last)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ..nn.blocks import GroupNorm
+from ..nn.blocks import set_norm_silu_kernel
 
 __all__ = ["group_norm_silu", "supports", "fuse_group_norm_silu", "KERNEL"]
 
@@ -306,7 +306,4 @@ KERNEL = _Kernel()
 def fuse_group_norm_silu(module: nn.Module) -> int:
     """Let every ``GroupNorm`` in ``module`` run its ``silu`` through ``KERNEL``; returns how many.
     Parameters and state dict are untouched; inputs the kernel does not take run PyTorch's ops."""
-    norms = [m for m in module.modules() if isinstance(m, GroupNorm)]
-    for norm in norms:
-        norm.silu_kernel = KERNEL
-    return len(norms)
+    return set_norm_silu_kernel(module, KERNEL)

@@ -10,7 +10,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-__all__ = ["norm_groups", "group_norm", "GroupNorm", "NormSiLUKernel", "ResBlock", "Downsample", "Upsample",
+__all__ = ["CHANNEL_SUMS", "ChannelSumsNormSiLU", "norm_groups", "group_norm", "group_norm_silu_by_channel_sums",
+           "GroupNorm", "NormSiLUKernel", "ResBlock", "Downsample", "Upsample", "set_norm_silu_kernel",
            "upsample_conv3x3"]
 
 MAX_GROUPS = 32  # the usual GroupNorm setting (Wu & He 2018) for widths >= 32
@@ -108,6 +109,63 @@ class GroupNorm(nn.GroupNorm):
 
 def group_norm(channels: int) -> GroupNorm:
     return GroupNorm(norm_groups(channels), channels, eps=GROUP_NORM_EPS, affine=True)
+
+
+def set_norm_silu_kernel(module: nn.Module, kernel: NormSiLUKernel | None) -> int:
+    """Let every ``GroupNorm`` in ``module`` run its ``silu`` through ``kernel`` (None: PyTorch's
+    ops again); returns how many. Parameters and state dict are untouched."""
+    norms = [m for m in module.modules() if isinstance(m, GroupNorm)]
+    for norm in norms:
+        norm.silu_kernel = kernel
+    return len(norms)
+
+
+def group_norm_silu_by_channel_sums(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                                    eps: float) -> torch.Tensor:
+    """``silu(group_norm(x, groups, weight, bias, eps))`` for x (N,C,H,W), the same function in
+    ops a compiler can lay out for channels_last: each (sample, channel)'s sums over H·W (a
+    reduction along the axis a channels_last tensor stores contiguously, where
+    ``group_norm``'s reduction over (C/G,H,W) reads C/G values per pixel), each group's mean
+    and variance from its channels' (the law of total variance: no second pass over x), and
+    one multiply-add and SiLU per element. Each channel's sums are taken about one of its own
+    values, which leaves its variance unchanged and keeps the sum of squares from cancelling
+    when the mean is large against the spread.
+
+    Computes in float32 (float64 for float64 input) and returns x's dtype. Under CUDA autocast
+    ``group_norm`` returns float32 instead; a ResBlock's next op is a convolution, which
+    rounds its input to bf16 either way, so the values it sees are the same.
+    """
+    n, c, h, w = x.shape
+    width = c // groups
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    pivot = xf[:, :, :1, :1].detach()  # (N,C,1,1): a shift, not a parameter of the function
+    d = xf - pivot
+    mean_d = d.mean((2, 3))  # (N,C)
+    var_c = (d * d).mean((2, 3)) - mean_d * mean_d
+    mean_c = (mean_d + pivot.view(n, c)).view(n, groups, width)
+    mean_g = mean_c.mean(2, keepdim=True)  # (N,G,1)
+    var_g = var_c.view(n, groups, width).mean(2, keepdim=True) + (mean_c - mean_g).square().mean(2, keepdim=True)
+    gain = torch.rsqrt(var_g.clamp_min(0) + eps) * weight.to(xf.dtype).view(groups, width)  # (N,G,C/G)
+    scale = gain.view(n, c, 1, 1)
+    shift = (bias.to(xf.dtype).view(groups, width) - mean_g * gain).view(n, c, 1, 1)
+    return nn.functional.silu(xf * scale + shift).to(x.dtype)
+
+
+class ChannelSumsNormSiLU:
+    """``group_norm_silu_by_channel_sums`` as a ``NormSiLUKernel``, under ``torch.compile`` only
+    (eager mode runs ATen's fused kernels, which are faster there)."""
+
+    @staticmethod
+    def supports(x: torch.Tensor, groups: int) -> bool:
+        return (torch.compiler.is_compiling() and x.dim() == 4 and x.is_floating_point()
+                and x.shape[1] % groups == 0 and x.numel() > 0)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                 eps: float) -> torch.Tensor:
+        return group_norm_silu_by_channel_sums(x, weight, bias, groups, eps)
+
+
+CHANNEL_SUMS = ChannelSumsNormSiLU()
 
 
 class ResBlock(nn.Module):
