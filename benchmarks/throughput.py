@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                    # all variants, 256×256, batch 32, bf16-mixed
     python benchmarks/throughput.py --variants vqvae --steps 30
     python benchmarks/throughput.py --variants vqvae --compile --profile   # where the time goes
+    python benchmarks/throughput.py --compile --quantizers vq fsq lfq simvq ibq   # every family
 
 For each variant it runs real Lightning training steps (optimizer included) on random
 images already on the device, times the steps after warm-up with CUDA events (no host
@@ -29,16 +30,21 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 
 import lightning.pytorch as pl  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from animevq.train.module import VQVAEModel  # noqa: E402
 from animevq.nn.blocks import CHANNEL_SUMS, Upsample, set_norm_silu_kernel  # noqa: E402
-from animevq.train.speed import fuse_norms  # noqa: E402
+from animevq.train.speed import compiled_parts, fuse_norms  # noqa: E402
 
+# torch.compile modes that capture CUDA graphs. speed.compile_mode does not offer them (not yet
+# measured with Lightning's step); this script compiles the same parts itself for them.
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0}  # SPEC §8: ≈800 dense bf16 achievable (datasheet 989)
 RANDOM_LPIPS = {"losses": {"lpips_random_init": True}}  # same FLOPs as the pretrained VGG16
 VARIANTS = {
@@ -46,6 +52,13 @@ VARIANTS = {
     "vqvae": dict(use_lpips=False, lambda_perc=0.0),
     "vqgan": dict(use_lpips=True, lambda_gan=0.1, adversarial={"disc_start": 0, "disc_norm": "group"}, **RANDOM_LPIPS),
 }
+
+QUANTIZERS = {path.stem: path for path in sorted((ROOT / "configs" / "quantizer").glob("*.yaml"))}
+
+
+def quantizer_overlay(name: str) -> dict:
+    """The model settings of ``configs/quantizer/NAME.yaml`` (what ``--config`` adds to a fit)."""
+    return yaml.safe_load(QUANTIZERS[name].read_text())["model"]
 
 
 class StepTimer(pl.Callback):
@@ -201,17 +214,31 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def bench_train(name: str, args: argparse.Namespace) -> dict:
+class CudagraphStep(pl.Callback):
+    """Tells CUDA-graph trees where each training step begins (what a loop that keeps no
+    output of a previous step's graphs needs)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def bench_train(name: str, args: argparse.Namespace, quantizer: str = "vq") -> dict:
     torch.manual_seed(0)
+    graphs = args.compile and args.compile_mode in CUDAGRAPH_MODES
     model = VQVAEModel(log_every_n_steps=10**9, log_images_every_n_steps=10**9, optimization={"warmup_steps": 0},
-                       speed={"channels_last": args.channels_last, "compile": args.compile,
-                              "compile_mode": args.compile_mode, "fused_norm": args.fused_norm}, **VARIANTS[name],
+                       speed={"channels_last": args.channels_last, "compile": args.compile and not graphs,
+                              "compile_mode": "default" if graphs else args.compile_mode,
+                              "fused_norm": args.fused_norm},
+                       **VARIANTS[name], **quantizer_overlay(quantizer),
                        safety={"max_nonfinite_steps": 10 if args.guard else None}).cuda()
     if args.channel_sums:
         set_norm_silu_kernel(model, CHANNEL_SUMS)
     x = torch.rand(args.batch, 3, args.size, args.size, device="cuda") * 2 - 1
     flops = count_step_flops(model, x, phase_conv=False)  # the architecture's FLOPs
     executed = count_step_flops(model, x, phase_conv=args.phase_conv)
+    if graphs:  # what speed_up compiles, in a mode it does not offer (after the eager FLOP counts)
+        for module in compiled_parts(model):
+            module.compile(mode=args.compile_mode)
     data = random_batches(4, args.batch, args.size)
     loader = torch.utils.data.DataLoader(data * ((args.steps + args.warmup) // 4 + 1), batch_size=None)
     timer = StepTimer()
@@ -219,14 +246,16 @@ def bench_train(name: str, args: argparse.Namespace) -> dict:
     trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          max_epochs=1, limit_train_batches=args.steps + args.warmup, limit_val_batches=0,
-                         callbacks=[timer] + ([Profile(args.warmup)] if args.profile else [])
+                         callbacks=[timer] + ([CudagraphStep()] if graphs else [])
+                         + ([Profile(args.warmup)] if args.profile else [])
                          + ([SyncDebug(args.warmup + 4)] if args.sync_debug else []), benchmark=True)
     trainer.fit(model, train_dataloaders=loader)
     times = timer.times[args.warmup:]
     step = statistics.median(times)
     tflops = flops / step / 1e12
     return {
-        "variant": name, "images_per_s": args.batch / step, "step_ms": step * 1e3,
+        "variant": name if quantizer == "vq" else f"{name} {quantizer}", "images_per_s": args.batch / step,
+        "step_ms": step * 1e3,
         "gflop_per_image": flops / args.batch / 1e9, "executed_gflop_per_image": executed / args.batch / 1e9,
         "tflops": tflops,
         "peak_pct": 100 * tflops / args.peak, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -263,6 +292,8 @@ def bench_encode(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--quantizers", nargs="+", default=["vq"], choices=list(QUANTIZERS),
+                   help="quantizer families, as configs/quantizer/NAME.yaml (vq: the default)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
@@ -271,7 +302,8 @@ def main() -> None:
     p.add_argument("--peak", type=float, default=None, help="dense bf16 TFLOP/s of the card (default: datasheet)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (model option compile)")
-    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "max-autotune-no-cudagraphs", *CUDAGRAPH_MODES])
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--fused-norm", action="store_true",
                    help="GroupNorm + SiLU in animevq.kernels, not by PyTorch/Inductor (model option fused_norm)")
@@ -291,23 +323,29 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     rows = []
-    for bench in [lambda v=v: bench_train(v, args) for v in args.variants] + [lambda: bench_encode(args)]:
-        rows.append(bench())
+    benches = [lambda v=v, q=q: bench_train(v, args, q) for q in args.quantizers for v in args.variants]
+    for bench in benches + [lambda: bench_encode(args)]:
+        try:
+            rows.append(bench())
+        except Exception:  # noqa: BLE001 - one failing configuration must not lose the others' rows
+            traceback.print_exc()
+            torch._dynamo.reset()
+            continue
         print(f"done: {json.dumps(rows[-1])}", flush=True)  # kept if a later row is cut short
     print(f"\n{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args.batch}, "
           f"{args.size}×{args.size}, bf16-mixed, channels_last={args.channels_last}, compile={args.compile} "
           f"({args.compile_mode}), fused_norm={args.fused_norm}, channel_sums={args.channel_sums}, "
           f"peak {args.peak:.0f} TFLOP/s")
     print(f"phase-conv upsampling={args.phase_conv}; TFLOP/s and % of peak use the architecture's FLOPs")
-    print(f"{'variant':<18}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}{'executed':>10}{'TFLOP/s':>9}"
+    print(f"{'variant':<24}{'img/s':>9}{'ms/step':>9}{'GFLOP/img':>11}{'executed':>10}{'TFLOP/s':>9}"
           f"{'% peak':>8}{'mem GiB':>9}")
     for r in rows:
         if "tflops" in r:
-            print(f"{r['variant']:<18}{r['images_per_s']:>9.1f}{r['step_ms']:>9.1f}{r['gflop_per_image']:>11.1f}"
+            print(f"{r['variant']:<24}{r['images_per_s']:>9.1f}{r['step_ms']:>9.1f}{r['gflop_per_image']:>11.1f}"
                   f"{r['executed_gflop_per_image']:>10.1f}{r['tflops']:>9.1f}{r['peak_pct']:>8.1f}"
                   f"{r['peak_mem_gib']:>9.1f}")
         else:
-            print(f"{r['variant']:<18}{r['images_per_s']:>9.1f}")
+            print(f"{r['variant']:<24}{r['images_per_s']:>9.1f}")
     if args.json:
         args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=2))
 

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..config import SpeedOptions
 
-__all__ = ["speed_up"]
+__all__ = ["compiled_parts", "fuse_norms", "speed_up"]
 
 
 def speed_up(model: Any, speed: SpeedOptions, *, on_cuda: bool) -> None:
@@ -28,11 +28,16 @@ def speed_up(model: Any, speed: SpeedOptions, *, on_cuda: bool) -> None:
     if speed.fused_norm and on_cuda:
         fuse_norms(model)
     if speed.compile:
-        tokenizer, objective = model.tokenizer, model.objective
-        decoder = tokenizer.decoder.stages if objective.discriminator is not None else tokenizer.decoder
-        for module in (tokenizer.encoder, decoder, objective.lpips, objective.discriminator):
-            if module is not None:
-                module.compile(mode=speed.compile_mode)
+        for module in compiled_parts(model):
+            module.compile(mode=speed.compile_mode)
+
+
+def compiled_parts(model: Any) -> list[torch.nn.Module]:
+    """The networks of a VQVAEModel that ``speed.compile`` compiles, each on its own: encoder,
+    decoder (its stages only for VQ-GAN), LPIPS and discriminator where present."""
+    tokenizer, objective = model.tokenizer, model.objective
+    decoder = tokenizer.decoder.stages if objective.discriminator is not None else tokenizer.decoder
+    return [m for m in (tokenizer.encoder, decoder, objective.lpips, objective.discriminator) if m is not None]
 
 
 def fuse_norms(module: torch.nn.Module) -> int:
