@@ -67,25 +67,32 @@ class StepTimer(pl.Callback):
     An event is queued as each batch starts and one after the last; the time of batch i is
     the time between the events of batches i and i+1, read once training has ended. Waiting
     on each step's end instead would leave the GPU idle while the host prepares the next
-    step, which a training run does not do.
+    step, which a training run does not do. On the CPU (smoke runs) the host's clock.
     """
 
     def __init__(self) -> None:
         self.times: list[float] = []
-        self._events: list[torch.cuda.Event] = []
+        self._events: list[torch.cuda.Event | float] = []
 
-    def _mark(self) -> None:
+    def _mark(self, on_cuda: bool) -> None:
+        if not on_cuda:
+            self._events.append(time.perf_counter())
+            return
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         self._events.append(event)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._mark()
+        self._mark(pl_module.device.type == "cuda")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._mark()
+        self._mark(pl_module.device.type == "cuda")
+        pairs = list(zip(self._events, self._events[1:]))
+        if isinstance(self._events[-1], float):
+            self.times = [b - a for a, b in pairs]
+            return
         self._events[-1].synchronize()
-        self.times = [a.elapsed_time(b) / 1000.0 for a, b in zip(self._events, self._events[1:])]
+        self.times = [a.elapsed_time(b) / 1000.0 for a, b in pairs]
 
 
 def random_batches(n: int, batch: int, size: int) -> list[torch.Tensor]:
