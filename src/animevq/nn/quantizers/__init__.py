@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..quantizer_config import FSQConfig, IBQConfig, LFQConfig, SimVQConfig, VQConfig
 from .base import (
+    CodebookQuantizer,
     Quantizer,
     QuantizerOutput,
     QuantizerStats,
@@ -23,6 +24,7 @@ from .vq_ema import VectorQuantizerEMA
 
 __all__ = [
     "QUANTIZERS",
+    "CodebookQuantizer",
     "FiniteScalarQuantizer",
     "IndexBackpropagationQuantizer",
     "LookupFreeQuantizer",

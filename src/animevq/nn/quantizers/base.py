@@ -11,12 +11,15 @@ Shapes: B batch, D code dimension, h×w latent grid, K = ``codebook_size``.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "CodebookQuantizer",
     "Quantizer",
     "QuantizerOutput",
     "QuantizerStats",
@@ -87,9 +90,10 @@ class Quantizer(nn.Module, abc.ABC):
     """The interface of a quantizer family."""
 
     @classmethod
-    @abc.abstractmethod
     def from_config(cls, config: Any) -> Quantizer:
-        """The family's module, built from its config dataclass."""
+        """The family's module, built from its config dataclass, whose fields are the
+        constructor's arguments unless a family says otherwise."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
     @property
     @abc.abstractmethod
@@ -119,6 +123,11 @@ class Quantizer(nn.Module, abc.ABC):
         objective weights ``vq_loss`` and ``commitment_loss`` by the seed's ``lambda_vq`` and
         ``lambda_commit``; a loss named neither takes its weight from here (1 if absent)."""
         return {}
+
+    def check_latents(self, z_e: torch.Tensor) -> None:
+        """Refuse anything but (B,D,h,w) latents of this quantizer's D."""
+        if z_e.dim() != 4 or z_e.shape[1] != self.embedding_dim:
+            raise ValueError(f"expected (B,{self.embedding_dim},h,w) latents, got {tuple(z_e.shape)}")
 
     def check_indices(self, indices: torch.Tensor) -> None:
         """Refuse non-integer indices, and, outside an export, indices outside [0, K)."""
@@ -155,3 +164,29 @@ class Quantizer(nn.Module, abc.ABC):
         """Whether the next training forward makes a decision on the host (e.g. a one-off
         initialisation) that a skip decided on the device could not undo."""
         return False
+
+
+class CodebookQuantizer(Quantizer):
+    """A family whose codes are the K rows of a (K,D) table (VQ-EMA, SimVQ, IBQ): its
+    constructor sets ``num_embeddings`` (K) and ``_embedding_dim`` (D)."""
+
+    num_embeddings: int
+    _embedding_dim: int
+
+    @property
+    def codebook_size(self) -> int:
+        return self.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self._embedding_dim
+
+    @property
+    @abc.abstractmethod
+    def codebook(self) -> torch.Tensor:
+        """The (K,D) codes."""
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes for indices: (B,h,w) → (B,D,h,w)."""
+        self.check_indices(indices)
+        return F.embedding(indices.long(), self.codebook).permute(0, 3, 1, 2)  # (B,h,w,D) → (B,D,h,w)

@@ -79,7 +79,7 @@ class FiniteScalarQuantizer(Quantizer):
     @torch.no_grad()
     def encode(self, z_e: torch.Tensor) -> torch.Tensor:
         """(B,D,h,w) latents → (B,h,w) int64 indices."""
-        self._check(z_e)
+        self.check_latents(z_e)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             return self._index(self._digits(z_e.float()))
 
@@ -91,13 +91,9 @@ class FiniteScalarQuantizer(Quantizer):
                                  levels.long())  # (B,D,h,w)
         return (digits.float() - half_width) / half_width
 
-    def _check(self, z_e: torch.Tensor) -> None:
-        if z_e.dim() != 4 or z_e.shape[1] != self.embedding_dim:
-            raise ValueError(f"expected (B,{self.embedding_dim},h,w) latents, got {tuple(z_e.shape)}")
-
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         """Quantise (B,D,h,w) latents; round's gradient is the identity (straight-through)."""
-        self._check(z_e)
+        self.check_latents(z_e)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             bounded = self.bound(z_e.float())  # (B,D,h,w) float32
             rounded = bounded + (torch.round(bounded) - bounded).detach()

@@ -29,14 +29,12 @@ Shapes: B batch, D code dimension, h×w latent grid, N = B·h·w vectors, K code
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..quantizer_config import IBQConfig
-from .base import Quantizer, QuantizerOutput, QuantizerStats, code_counts, code_stats
+from .base import CodebookQuantizer, QuantizerOutput, QuantizerStats, code_counts, code_stats
 from .entropy import softmax_entropy_loss
 from .kmeans import DISTANCE_CHUNK_ELEMENTS, _full_float32
 
@@ -62,7 +60,7 @@ def best_code(z: torch.Tensor, codebook: torch.Tensor, chunk_elements: int = DIS
         return out
 
 
-class IndexBackpropagationQuantizer(Quantizer):
+class IndexBackpropagationQuantizer(CodebookQuantizer):
     """Quantiser whose straight-through one-hot passes gradient to the whole codebook.
 
     The arguments are :class:`~animevq.nn.quantizer_config.IBQConfig`'s fields.
@@ -90,18 +88,6 @@ class IndexBackpropagationQuantizer(Quantizer):
         # init is not used for IBQ).
         self.embedding = nn.Parameter(torch.randn(num_embeddings, embedding_dim))  # (K,D)
 
-    @classmethod
-    def from_config(cls, config: IBQConfig) -> IndexBackpropagationQuantizer:
-        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})  # its fields are the arguments
-
-    @property
-    def codebook_size(self) -> int:
-        return self.num_embeddings
-
-    @property
-    def embedding_dim(self) -> int:
-        return self._embedding_dim
-
     @property
     def codebook(self) -> torch.Tensor:
         """The (K,D) codebook C."""
@@ -111,25 +97,16 @@ class IndexBackpropagationQuantizer(Quantizer):
     def loss_weights(self) -> dict[str, float]:
         return {"double_quant_loss": DOUBLE_QUANT_WEIGHT, "entropy_loss": self.config.entropy_weight}
 
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes for indices: (B,h,w) → (B,D,h,w)."""
-        self.check_indices(indices)
-        return F.embedding(indices.long(), self.embedding).permute(0, 3, 1, 2)  # (B,h,w,D) → (B,D,h,w)
-
-    def _check_shape(self, z_e: torch.Tensor) -> None:
-        if z_e.dim() != 4 or z_e.shape[1] != self.embedding_dim:
-            raise ValueError(f"expected (B,{self.embedding_dim},h,w) latents, got {tuple(z_e.shape)}")
-
     @torch.no_grad()
     def encode(self, z_e: torch.Tensor) -> torch.Tensor:
         """Codes of largest logit of (B,D,h,w) latents → (B,h,w) int64."""
-        self._check_shape(z_e)
+        self.check_latents(z_e)
         z = z_e.float().permute(0, 2, 3, 1)  # (B,h,w,D)
         return best_code(z.reshape(-1, self.embedding_dim), self.embedding).view(z.shape[:-1])
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         """Quantise (B,D,h,w) encoder output. Training and eval modes behave alike (no state)."""
-        self._check_shape(z_e)
+        self.check_latents(z_e)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             z = z_e.float().permute(0, 2, 3, 1)  # (B,h,w,D) float32
             flat = z.reshape(-1, self.embedding_dim)  # (N,D)

@@ -19,8 +19,6 @@ Shapes: B batch, D bits, h×w latent grid, N = B·h·w vectors, K = 2^D.
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 import torch.nn.functional as F
 
@@ -62,10 +60,6 @@ class LookupFreeQuantizer(Quantizer):
         # Constants, not state: made once per device, outside the state dict (as FSQ's).
         self._constants: dict[torch.device, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
-    @classmethod
-    def from_config(cls, config: LFQConfig) -> LookupFreeQuantizer:
-        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})  # its fields are the arguments
-
     @property
     def codebook_size(self) -> int:
         return self.config.codebook_size
@@ -89,10 +83,6 @@ class LookupFreeQuantizer(Quantizer):
             self._constants[device] = (place, tables)
         return self._constants[device]
 
-    def _check(self, z_e: torch.Tensor) -> None:
-        if z_e.dim() != 4 or z_e.shape[1] != self.embedding_dim:
-            raise ValueError(f"expected (B,{self.embedding_dim},h,w) latents, got {tuple(z_e.shape)}")
-
     def _index(self, z: torch.Tensor) -> torch.Tensor:
         """(B,D,h,w) latents → (B,h,w) int64: Σ_i 1[z_i > 0]·2^i."""
         return ((z > 0).long() * self._on(z.device)[0]).sum(1)
@@ -100,7 +90,7 @@ class LookupFreeQuantizer(Quantizer):
     @torch.no_grad()
     def encode(self, z_e: torch.Tensor) -> torch.Tensor:
         """(B,D,h,w) latents → (B,h,w) int64 indices."""
-        self._check(z_e)
+        self.check_latents(z_e)
         return self._index(z_e)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
@@ -128,7 +118,7 @@ class LookupFreeQuantizer(Quantizer):
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         """Quantise (B,D,h,w) latents to signs, straight-through; the losses are float32."""
-        self._check(z_e)
+        self.check_latents(z_e)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             z = z_e.float()
             codes = torch.where(z > 0, 1.0, -1.0)  # (B,D,h,w)

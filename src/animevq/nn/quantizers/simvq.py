@@ -14,14 +14,12 @@ Shapes: B batch, D code dimension, h×w latent grid, N = B·h·w vectors, K code
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..quantizer_config import SimVQConfig
-from .base import Quantizer, QuantizerOutput, QuantizerStats, TrainingSnapshot, code_counts, code_stats
+from .base import CodebookQuantizer, QuantizerOutput, QuantizerStats, TrainingSnapshot, code_counts, code_stats
 from .kmeans import nearest_code
 
 __all__ = ["SimVQ"]
@@ -36,7 +34,7 @@ def frozen_codebook(num_embeddings: int, embedding_dim: int, seed: int) -> torch
     return torch.randn(num_embeddings, embedding_dim, generator=generator) * embedding_dim**-0.5
 
 
-class SimVQ(Quantizer):
+class SimVQ(CodebookQuantizer):
     """Nearest-neighbour quantiser over the codes E = C·Wᵀ + b (C frozen, W and b learned).
 
     The arguments are :class:`~animevq.nn.quantizer_config.SimVQConfig`'s fields; C is a
@@ -60,18 +58,6 @@ class SimVQ(Quantizer):
         # W and b: nn.Linear's own initialisation, as in the reference.
         self.projection = nn.Linear(embedding_dim, embedding_dim)
 
-    @classmethod
-    def from_config(cls, config: SimVQConfig) -> SimVQ:
-        return cls(**{f.name: getattr(config, f.name) for f in fields(config)})  # its fields are the arguments
-
-    @property
-    def codebook_size(self) -> int:
-        return self.num_embeddings
-
-    @property
-    def embedding_dim(self) -> int:
-        return self._embedding_dim
-
     @property
     def codebook(self) -> torch.Tensor:
         """The effective (K,D) codes E = C·Wᵀ + b, in float32 (differentiable in W and b)."""
@@ -88,25 +74,16 @@ class SimVQ(Quantizer):
     def restore_training_snapshot(self, snapshot: TrainingSnapshot, skip: torch.Tensor | None = None) -> None:
         pass
 
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes for indices: (B,h,w) → (B,D,h,w)."""
-        self.check_indices(indices)
-        return F.embedding(indices.long(), self.codebook).permute(0, 3, 1, 2)  # (B,h,w,D) → (B,D,h,w)
-
-    def _check_shape(self, z_e: torch.Tensor) -> None:
-        if z_e.dim() != 4 or z_e.shape[1] != self.embedding_dim:
-            raise ValueError(f"expected (B,{self.embedding_dim},h,w) latents, got {tuple(z_e.shape)}")
-
     @torch.no_grad()
     def encode(self, z_e: torch.Tensor) -> torch.Tensor:
         """Nearest codes of (B,D,h,w) latents → (B,h,w) int64."""
-        self._check_shape(z_e)
+        self.check_latents(z_e)
         z = z_e.float().permute(0, 2, 3, 1)  # (B,h,w,D)
         return nearest_code(z.reshape(-1, self.embedding_dim), self.codebook).view(z.shape[:-1])
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         """Quantise (B,D,h,w) encoder output. Training and eval modes behave alike (no state)."""
-        self._check_shape(z_e)
+        self.check_latents(z_e)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             z = z_e.float().permute(0, 2, 3, 1)  # (B,h,w,D) float32
             flat = z.reshape(-1, self.embedding_dim)  # (N,D)

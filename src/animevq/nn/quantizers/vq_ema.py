@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import VQConfig
-from .base import Quantizer, QuantizerOutput, QuantizerStats, code_counts, code_stats
+from .base import CodebookQuantizer, QuantizerOutput, QuantizerStats, code_counts, code_stats
 from .kmeans import L2_EPS, lloyd, nearest_code
 
 __all__ = ["VectorQuantizerEMA"]
@@ -44,7 +44,7 @@ def _hash_draw(step: torch.Tensor, seed: int, count: int, high: int) -> torch.Te
     return (x ^ (x >> 33)).remainder(high)
 
 
-class VectorQuantizerEMA(Quantizer):
+class VectorQuantizerEMA(CodebookQuantizer):
     """Nearest-neighbour quantiser whose codebook follows an EMA of its assigned vectors.
 
     The arguments are :class:`~animevq.nn.config.VQConfig`'s fields (see there), with
@@ -105,22 +105,9 @@ class VectorQuantizerEMA(Quantizer):
                    l2_normalize=config.l2_normalize_codes, **options)
 
     @property
-    def codebook_size(self) -> int:
-        return self.num_embeddings
-
-    @property
-    def embedding_dim(self) -> int:
-        return self._embedding_dim
-
-    @property
     def codebook(self) -> torch.Tensor:
         """The (K,D) codebook."""
         return self.embedding
-
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes for indices: (B,h,w) → (B,D,h,w)."""
-        self.check_indices(indices)
-        return F.embedding(indices.long(), self.embedding).permute(0, 3, 1, 2)  # (B,h,w,D) → (B,D,h,w)
 
     def _prepare(self, z_e: torch.Tensor) -> torch.Tensor:
         z = z_e.float().permute(0, 2, 3, 1)  # (B,h,w,D)
@@ -134,8 +121,7 @@ class VectorQuantizerEMA(Quantizer):
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         """Quantise (B,D,h,w) encoder output; in training mode also update the codebook."""
-        if z_e.dim() != 4 or z_e.shape[1] != self.embedding_dim:
-            raise ValueError(f"expected (B,{self.embedding_dim},h,w) latents, got {tuple(z_e.shape)}")
+        self.check_latents(z_e)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             z = self._prepare(z_e)  # (B,h,w,D) float32
             flat = z.reshape(-1, self.embedding_dim)  # (N,D)
