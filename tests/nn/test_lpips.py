@@ -206,3 +206,50 @@ def test_one_vgg_pass_over_both_batches(net: LPIPS, images: tuple[torch.Tensor, 
     finally:
         handle.remove()
     assert batches == [4]
+
+
+def _saved_bytes(fn, module: nn.Module) -> int:
+    """Bytes of activations autograd saves for backward while ``fn()`` runs (``module``'s
+    weights, which every conv saves whatever its batch, not counted)."""
+    weights = {p.data_ptr() for p in module.parameters()}
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in weights:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_a_constant_side_runs_without_autograd_and_changes_nothing(net: LPIPS,
+                                                                   images: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Training passes the real image (a constant) and the reconstruction (with gradient): the
+    constant's VGG pass runs apart, without autograd; distances and gradients are those of the
+    one pass over both, and about half as much is saved for backward."""
+    double = LPIPS(random_init=True).double()
+    double.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    x, y = (t.double() for t in images)
+    batches: list[int] = []
+    handle = double.vgg[0].register_forward_hook(lambda m, inp, out: batches.append(inp[0].shape[0]))
+    try:
+        y_split = y.clone().requires_grad_(True)
+        split = double(x, y_split)
+        assert batches == [2, 2]  # the constant, then the reconstruction
+        y_both, x_both = y.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        both = double(x_both, y_both)  # both need gradients: one pass over the two
+        assert batches == [2, 2, 4]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(split, both, rtol=1e-12, atol=1e-12)
+    (g_split,) = torch.autograd.grad(split.sum(), y_split)
+    (g_both,) = torch.autograd.grad(both.sum(), y_both)
+    torch.testing.assert_close(g_split, g_both, rtol=1e-10, atol=1e-12)
+    swapped = double(y_split, x)  # the constant may come second
+    torch.testing.assert_close(swapped, split, rtol=1e-12, atol=1e-12)
+    saved_split = _saved_bytes(lambda: double(x, y.clone().requires_grad_(True)), double)
+    saved_both = _saved_bytes(lambda: double(x.clone().requires_grad_(True), y.clone().requires_grad_(True)),
+                              double)
+    assert saved_split < 0.6 * saved_both, (saved_split, saved_both)

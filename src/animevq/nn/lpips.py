@@ -208,24 +208,41 @@ class LPIPS(nn.Module):
         if reduction not in ("none", "mean"):
             raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
         batch = x.shape[0]
-        h = (torch.cat([x, y]) - self.shift) / self.scale  # (2B,3,H,W): one VGG pass for both
         dist = x.new_zeros(batch, dtype=torch.promote_types(x.dtype, torch.float32))
         lins = iter(self.lins)
-        for i, layer in enumerate(self.vgg):
-            h = layer(h)
-            if i in _TAPS:
-                dist = dist + self._layer_distance(h, next(lins).weight)
+        if torch.is_grad_enabled() and x.requires_grad != y.requires_grad:
+            # Training: one side (the real image) is a constant. Its features need no backward,
+            # so it runs without autograd, layer by layer beside the other side, and the
+            # backward covers that side alone: one VGG pass of backward per image, not two
+            # (with one pass over both, the constant half's input gradients are computed and
+            # dropped), and the constant side saves no activations.
+            fixed, moving = (x, y) if y.requires_grad else (y, x)
+            with torch.no_grad():
+                h_fixed = (fixed - self.shift) / self.scale
+            h = (moving - self.shift) / self.scale
+            for i, layer in enumerate(self.vgg):
+                with torch.no_grad():
+                    h_fixed = layer(h_fixed)
+                h = layer(h)
+                if i in _TAPS:
+                    dist = dist + self._layer_distance(h_fixed, h, next(lins).weight)
+        else:
+            h = (torch.cat([x, y]) - self.shift) / self.scale  # (2B,3,H,W): one VGG pass for both
+            for i, layer in enumerate(self.vgg):
+                h = layer(h)
+                if i in _TAPS:
+                    dist = dist + self._layer_distance(*h.chunk(2), next(lins).weight)
         return dist.mean() if reduction == "mean" else dist
 
     @staticmethod
-    def _layer_distance(feats: Tensor, weight: Tensor) -> Tensor:
-        """Σ_c w_c mean_{h,w} (f̂(x) − f̂(y))² for feats (2B,C,H,W) = [f(x); f(y)] → (B,)."""
+    def _layer_distance(feats_x: Tensor, feats_y: Tensor, weight: Tensor) -> Tensor:
+        """Σ_c w_c mean_{h,w} (f̂(x) − f̂(y))² for feats (B,C,H,W) f(x) and f(y) → (B,)."""
         # Upcast and leave autocast: sqrt(1e-8 + Σf²) and the weighted sum must not run in 16 bit.
-        dtype = torch.promote_types(feats.dtype, torch.float32)
-        with torch.autocast(device_type=feats.device.type, enabled=False):
-            f = feats.to(dtype)
-            f = f / torch.sqrt(_EPS + f.square().sum(dim=1, keepdim=True))
-            f_x, f_y = f.chunk(2)  # (B,C,H,W) each
+        dtype = torch.promote_types(feats_x.dtype, torch.float32)
+        with torch.autocast(device_type=feats_x.device.type, enabled=False):
+            f_x, f_y = (f.to(dtype) for f in (feats_x, feats_y))
+            f_x = f_x / torch.sqrt(_EPS + f_x.square().sum(dim=1, keepdim=True))
+            f_y = f_y / torch.sqrt(_EPS + f_y.square().sum(dim=1, keepdim=True))
             diff = (f_x - f_y).square().mean(dim=(2, 3))  # (B,C)
             # mean then 1×1 conv == 1×1 conv then mean (both linear), without a (B,1,H,W) map.
             return diff @ weight.to(dtype).flatten()  # (B,)
