@@ -169,3 +169,28 @@ def test_fused_group_norm_silu_matches_pytorch_on_gpu(compiled: bool) -> None:
     speed_up(model, model.config.speed, on_cuda=True)
     norms = [m for m in model.tokenizer.modules() if hasattr(m, "silu_kernel")]
     assert norms and all(m.silu_kernel is not None for m in norms)
+
+
+def test_channel_sums_group_norm_compiled_on_gpu_matches_pytorch() -> None:
+    from animevq.nn.blocks import CHANNEL_SUMS, ResBlock, set_norm_silu_kernel
+
+    torch.manual_seed(0)
+    plain = ResBlock(128).cuda().to(memory_format=torch.channels_last)
+    summed = ResBlock(128).cuda().to(memory_format=torch.channels_last)
+    summed.load_state_dict(plain.state_dict())
+    assert set_norm_silu_kernel(summed, CHANNEL_SUMS) == 2
+    x = (torch.randn(4, 128, 32, 32, device="cuda") * 3 + 1).to(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    with torch.autocast("cuda", torch.bfloat16):
+        ya = plain(xs[0])  # eager: ATen's kernels
+        yb = torch.compile(summed)(xs[1])  # Inductor, from per-channel sums
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    scale = ya.float().abs().max()
+    assert ((ya.float() - yb.float()).abs().max() / scale).item() < 2e-2  # bf16 rounding of conv inputs
+    assert yb.is_contiguous(memory_format=torch.channels_last)
+    assert xs[1].grad.is_contiguous(memory_format=torch.channels_last)
+    dx = xs[0].grad.float().abs().max()
+    assert ((xs[0].grad.float() - xs[1].grad.float()).abs().max() / dx).item() < 2e-2
+    for a, b in ((plain.norm1.weight, summed.norm1.weight), (plain.norm2.bias, summed.norm2.bias)):
+        assert ((a.grad - b.grad).abs().max() / a.grad.abs().max()).item() < 2e-2
