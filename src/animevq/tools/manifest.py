@@ -70,8 +70,10 @@ def write_shard(out: Path, index: int, codes: np.ndarray, offset: int, sources: 
     name = _SHARD_NAME.format(index)
     encoded = io.BytesIO()
     np.save(encoded, codes)
-    write_whole(out / name, encoded.getvalue())
-    return {"name": name, "sources": sources, "offset": offset, "count": len(codes), "sha256": sha256_file(out / name)}
+    data = encoded.getvalue()
+    write_whole(out / name, data)
+    return {"name": name, "sources": sources, "offset": offset, "count": len(codes),
+            "sha256": hashlib.sha256(data).hexdigest()}  # of the bytes just written, not read back
 
 
 def read_manifest(tokens_dir: str | Path) -> dict[str, Any]:
